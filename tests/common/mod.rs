@@ -1,0 +1,8 @@
+//! Shared helpers of the integration tests: a real berthd in a fresh temporary
+//! root, a real registry on 127.0.0.1, fixture images, and leak checks.
+//! Each test binary uses a part of them, hence the allowance.
+#![allow(dead_code)]
+
+pub mod berthd;
+pub mod fixtures;
+pub mod registry;
