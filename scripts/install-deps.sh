@@ -9,7 +9,7 @@ what=${1:-test}
 packages="protobuf-compiler gcc libc6-dev pkg-config"
 if [ "$what" = test ]; then
   # registry and image tools for fixtures, kernel tools the tests inspect with
-  packages="$packages docker-registry skopeo umoci busybox-static nftables iproute2 curl apache2-utils openssl"
+  packages="$packages docker-registry skopeo umoci busybox-static nftables iproute2 curl apache2-utils openssl attr"
 fi
 
 need=""

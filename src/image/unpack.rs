@@ -637,7 +637,8 @@ fn entry_meta<R: Read>(
     let uid = numeric_field(path, "uid", &old.uid, header.uid())?;
     let gid = numeric_field(path, "gid", &old.gid, header.gid())?;
     let header_mtime = numeric_field(path, "mtime", &old.mtime, header.mtime())?;
-    let mode = u32::try_from(mode & 0o7777).unwrap_or(0);
+    // Permission, setuid, setgid and sticky bits; the file type comes from the entry type.
+    let mode = (mode & 0o7777) as u32;
     let uid = u32::try_from(uid).map_err(|_| invalid(path, "uid out of range"))?;
     let gid = u32::try_from(gid).map_err(|_| invalid(path, "gid out of range"))?;
 
@@ -659,7 +660,8 @@ fn entry_meta<R: Read>(
             } else if let Some(name) = key.strip_prefix(PAX_XATTR_PREFIX) {
                 if OVERLAY_XATTR_PREFIXES.iter().any(|p| name.starts_with(p)) {
                     // Contained: dropped, so a layer cannot forge overlay metadata.
-                    warn!(entry = %path, xattr = %String::from_utf8_lossy(name), "dropping overlayfs xattr from layer");
+                    let xattr = String::from_utf8_lossy(name);
+                    warn!(entry = %path, %xattr, "dropping overlayfs xattr from layer");
                     continue;
                 }
                 let name =
