@@ -2,7 +2,7 @@
 CARGO ?= cargo
 PREFIX ?= /usr/local
 
-.PHONY: build run install test lint unit clean
+.PHONY: build run install test lint unit clean bench
 
 build:
 	scripts/install-deps.sh build
@@ -20,12 +20,18 @@ install: build
 # real berthd, a real registry on 127.0.0.1 and real kernel objects.
 test: lint
 	scripts/install-deps.sh test
-	$(CARGO) test --all-targets -- --test-threads=$${BERTH_TEST_THREADS:-4}
+	$(CARGO) test --lib --bins --tests -- --test-threads=$${BERTH_TEST_THREADS:-4}
 
 lint:
 	scripts/install-deps.sh build
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
+
+# berth beside containerd (installed from Debian when missing): one table,
+# berth/containerd ratios. bench/README.md says what it measures; options go
+# in BENCH_ARGS, e.g. make bench BENCH_ARGS="--samples 10".
+bench:
+	scripts/bench.sh $(BENCH_ARGS)
 
 clean:
 	$(CARGO) clean

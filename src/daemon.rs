@@ -16,10 +16,12 @@ use tokio::net::UnixListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_stream::wrappers::UnixListenerStream;
 
+use crate::cni::{LoopbackOnly, PodNetwork};
 use crate::config::Config;
 use crate::cri::CriService;
 use crate::image::{ImageError, ImageStore};
-use crate::runtime::cgroup;
+use crate::runtime::cgroup::{CgroupError, Cgroups};
+use crate::runtime::{Runtime, RuntimeError};
 
 /// Largest gRPC message accepted or sent; ListContainers on a full node is big.
 const MAX_GRPC_MESSAGE: usize = 16 * 1024 * 1024;
@@ -45,8 +47,10 @@ pub enum DaemonError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("no cgroup hierarchy: {0}")]
-    Cgroup(std::io::Error),
+    #[error(transparent)]
+    Cgroup(CgroupError),
+    #[error("cannot recover pods and containers: {0}")]
+    Runtime(RuntimeError),
     #[error("cannot open the image store: {0}")]
     Images(ImageError),
     #[error("cannot install signal handler: {0}")]
@@ -143,8 +147,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let _root_lock = PidLock::acquire(&config.root.join("berthd.lock"))?;
     let _state_lock = PidLock::acquire(&config.state_dir.join("berthd.lock"))?;
 
-    let cgroup_version =
-        cgroup::detect(Path::new("/sys/fs/cgroup")).map_err(DaemonError::Cgroup)?;
+    let cgroups = Cgroups::discover(Path::new("/sys/fs/cgroup")).map_err(DaemonError::Cgroup)?;
+    let cgroup_version = cgroups.version;
     let images = ImageStore::open(&config).map_err(DaemonError::Images)?;
     {
         // Leftovers of pulls a crash cut short go before anything else runs.
@@ -155,7 +159,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             }
         });
     }
-    let service = CriService::new(config.clone(), cgroup_version, images);
+    let network: Arc<dyn PodNetwork> = Arc::new(LoopbackOnly);
+    let runtime = Runtime::open(config.clone(), cgroups.clone(), images.clone(), network)
+        .map_err(DaemonError::Runtime)?;
+    let service = CriService::new(config.clone(), cgroup_version, images, runtime);
 
     let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
@@ -209,6 +216,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         }
     };
     let _ = fs::remove_file(&config.socket);
+    // The parent of pod cgroups goes when no pod is left in it.
+    cgroups.remove_if_empty(&config.cgroup.parent);
     tracing::info!("berthd stopped");
     match result {
         Ok(served) => served.map_err(DaemonError::from),

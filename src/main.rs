@@ -41,6 +41,27 @@ enum Command {
         #[command(subcommand)]
         action: ConfigAction,
     },
+    /// Per-container monitor, started by berthd
+    #[command(hide = true)]
+    Monitor {
+        #[arg(long)]
+        bundle: PathBuf,
+    },
+    /// PID 1 of a pod that shares its PID namespace (berthd starts it)
+    #[command(hide = true)]
+    PodInfra,
+    /// Runs a command inside a container (ExecSync), started by berthd
+    #[command(hide = true)]
+    ExecIn {
+        #[arg(long)]
+        bundle: PathBuf,
+        #[arg(long)]
+        init_pid: i32,
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+        #[arg(last = true, required = true)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -111,6 +132,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", load_config(&cli)?.to_yaml());
             return Ok(());
         }
+        // Both run before any thread exists: they fork and setns.
+        Some(Command::Monitor { bundle }) => return Ok(berth::monitor::run(bundle)?),
+        Some(Command::PodInfra) => std::process::exit(berth::runtime::run_pod_infra()),
+        Some(Command::ExecIn {
+            bundle,
+            init_pid,
+            timeout_ms,
+            args,
+        }) => std::process::exit(berth::monitor::exec_in(
+            bundle,
+            *init_pid,
+            *timeout_ms,
+            args,
+        )),
         None => {}
     }
     let config = load_config(&cli)?;

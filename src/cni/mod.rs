@@ -1,5 +1,18 @@
-//! Pod networking: the built-in bridge network and CNI plugin support.
-//! Until the network lands, a pod only has loopback, and readiness says so.
+//! Pod networking behind one trait: the runtime asks for a pod's network to be
+//! set up in its pinned network namespace and torn down again. Until the
+//! built-in bridge network lands, `LoopbackOnly` gives pods loopback alone and
+//! readiness says so.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use crate::runtime::pod::PortMapping;
+
+pub mod bridge;
+pub mod ipam;
+pub mod netlink;
+pub mod nft;
+pub mod portmap;
 
 /// Whether pods can be given a network, with the reason when not.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -8,11 +21,87 @@ pub enum NetworkReadiness {
     NotReady { reason: String, message: String },
 }
 
-/// berth has no pod network yet: pods get a namespace with loopback only.
-pub fn readiness() -> NetworkReadiness {
-    NetworkReadiness::NotReady {
-        reason: "NetworkNotImplemented".to_string(),
-        message: "berth's pod network is not implemented yet: pods would get loopback only"
-            .to_string(),
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error("pod network: {0}")]
+    Setup(String),
+    #[error("pod network config: {0}")]
+    Config(String),
+    #[error("invalid port mapping: {0}")]
+    InvalidPortMapping(String),
+    #[error("host port {port} is already published by pod {other_pod}")]
+    HostPortTaken { port: String, other_pod: String },
+    #[error("no free address left in the pod subnet {subnet}")]
+    AddressesExhausted { subnet: String },
+    #[error("IPAM record {path}: {source}")]
+    Ipam {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Netlink {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("nftables: {0}")]
+    Nft(String),
+    #[error("pod network record: {0}")]
+    Record(#[from] crate::store::StoreError),
+    #[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
+    Several(Vec<NetworkError>),
+}
+
+/// What the network needs to know of a pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodNetworkRequest {
+    pub pod_id: String,
+    pub name: String,
+    pub namespace: String,
+    pub uid: String,
+    /// The pod's pinned network namespace.
+    pub netns: PathBuf,
+    pub port_mappings: Vec<PortMapping>,
+}
+
+/// What a pod got: its addresses, first the primary one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodNetworkStatus {
+    pub ips: Vec<IpAddr>,
+}
+
+/// A pod network implementation (built-in bridge, CNI plugins, loopback only).
+pub trait PodNetwork: Send + Sync {
+    fn readiness(&self) -> NetworkReadiness;
+    /// Wires the pod's namespace; called on a blocking thread.
+    fn set_up(&self, pod: &PodNetworkRequest) -> Result<PodNetworkStatus, NetworkError>;
+    /// Releases what `set_up` made; repeatable, and works when the namespace is gone.
+    fn tear_down(&self, pod: &PodNetworkRequest) -> Result<(), NetworkError>;
+    /// Verbose status info: which network is in use, as JSON.
+    fn describe(&self) -> serde_json::Value;
+}
+
+/// Pods get loopback only (it is brought up with the namespace), and the
+/// node says its network is not ready.
+pub struct LoopbackOnly;
+
+impl PodNetwork for LoopbackOnly {
+    fn readiness(&self) -> NetworkReadiness {
+        NetworkReadiness::NotReady {
+            reason: "NetworkNotImplemented".to_string(),
+            message: "berth's pod network is not implemented yet: pods get loopback only"
+                .to_string(),
+        }
+    }
+
+    fn set_up(&self, _pod: &PodNetworkRequest) -> Result<PodNetworkStatus, NetworkError> {
+        Ok(PodNetworkStatus::default())
+    }
+
+    fn tear_down(&self, _pod: &PodNetworkRequest) -> Result<(), NetworkError> {
+        Ok(())
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        serde_json::json!({"type": "loopback-only"})
     }
 }

@@ -1,8 +1,10 @@
 //! The CRI front end: RuntimeService and ImageService. It validates and
 //! translates requests into calls on `runtime` and `image`, and holds no logic.
 
+mod convert;
 mod image_service;
 mod runtime_service;
+mod stats;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -11,6 +13,7 @@ use tonic::Status;
 
 use crate::config::Config;
 use crate::image::ImageStore;
+use crate::runtime::Runtime;
 use crate::runtime::cgroup::CgroupVersion;
 
 /// What the CRI services need of the node; shared by both services.
@@ -18,6 +21,9 @@ pub struct CriService {
     config: Arc<Config>,
     cgroup_version: CgroupVersion,
     images: Arc<ImageStore>,
+    runtime: Arc<Runtime>,
+    /// A handle on itself for tasks that outlive a request (event streams).
+    this: std::sync::Weak<CriService>,
 }
 
 impl CriService {
@@ -25,12 +31,21 @@ impl CriService {
         config: Arc<Config>,
         cgroup_version: CgroupVersion,
         images: Arc<ImageStore>,
+        runtime: Arc<Runtime>,
     ) -> Arc<CriService> {
-        Arc::new(CriService {
+        Arc::new_cyclic(|this| CriService {
             config,
             cgroup_version,
             images,
+            runtime,
+            this: this.clone(),
         })
+    }
+}
+
+impl CriService {
+    fn self_ref(&self) -> std::sync::Weak<CriService> {
+        self.this.clone()
     }
 }
 

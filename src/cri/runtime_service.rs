@@ -8,9 +8,14 @@ use k8s_cri::v1::*;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::{CriService, traced, unimplemented};
-use crate::cni::{self, NetworkReadiness};
-use crate::runtime::{self, RuntimeReadiness, handler};
+use std::time::Duration;
+
+use super::convert::{self, runtime_status};
+use super::{CriService, stats, traced, unimplemented};
+use crate::cni::NetworkReadiness;
+use crate::runtime::container::ContainerState;
+use crate::runtime::pod::PodState;
+use crate::runtime::{ContainerFilter, PodFilter, RuntimeReadiness, handler};
 
 type Reply<T> = Result<Response<T>, Status>;
 type EventStream = Pin<Box<dyn Stream<Item = Result<ContainerEventResponse, Status>> + Send>>;
@@ -65,7 +70,29 @@ impl RuntimeService for CriService {
         _req: Request<GetEventsRequest>,
     ) -> Reply<Self::GetContainerEventsStream> {
         traced("GetContainerEvents", "", async {
-            Err(unimplemented("GetContainerEvents"))
+            let mut events = self.runtime.subscribe();
+            let (tx, rx) = tokio::sync::mpsc::channel(64);
+            let service = self.self_ref();
+            tokio::spawn(async move {
+                loop {
+                    let event = match events.recv().await {
+                        Ok(e) => e,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            tracing::warn!(missed = n, "event subscriber lagged");
+                            continue;
+                        }
+                        Err(_) => return,
+                    };
+                    let Some(service) = service.upgrade() else {
+                        return;
+                    };
+                    if tx.send(Ok(service.event_of(&event))).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let stream: EventStream = Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx));
+            Ok(Response::new(stream))
         })
         .await
     }
@@ -74,15 +101,21 @@ impl RuntimeService for CriService {
         &self,
         req: Request<RunPodSandboxRequest>,
     ) -> Reply<RunPodSandboxResponse> {
-        let id = req
-            .get_ref()
+        let req = req.into_inner();
+        let name = req
             .config
             .as_ref()
             .and_then(|c| c.metadata.as_ref())
             .map(|m| m.name.clone())
             .unwrap_or_default();
-        traced("RunPodSandbox", &id, async {
-            Err(unimplemented("RunPodSandbox"))
+        traced("RunPodSandbox", &name, async {
+            let config = convert::pod_config(req.config, req.runtime_handler)?;
+            let runtime = self.runtime.clone();
+            let id = tokio::task::spawn_blocking(move || runtime.run_pod(config))
+                .await
+                .map_err(|e| Status::internal(format!("pod start task failed: {e}")))?
+                .map_err(runtime_status)?;
+            Ok(Response::new(RunPodSandboxResponse { pod_sandbox_id: id }))
         })
         .await
     }
@@ -91,9 +124,10 @@ impl RuntimeService for CriService {
         &self,
         req: Request<StopPodSandboxRequest>,
     ) -> Reply<StopPodSandboxResponse> {
-        let id = req.get_ref().pod_sandbox_id.clone();
+        let id = req.into_inner().pod_sandbox_id;
         traced("StopPodSandbox", &id, async {
-            Err(unimplemented("StopPodSandbox"))
+            self.runtime.stop_pod(&id).await.map_err(runtime_status)?;
+            Ok(Response::new(StopPodSandboxResponse {}))
         })
         .await
     }
@@ -102,9 +136,10 @@ impl RuntimeService for CriService {
         &self,
         req: Request<RemovePodSandboxRequest>,
     ) -> Reply<RemovePodSandboxResponse> {
-        let id = req.get_ref().pod_sandbox_id.clone();
+        let id = req.into_inner().pod_sandbox_id;
         traced("RemovePodSandbox", &id, async {
-            Err(unimplemented("RemovePodSandbox"))
+            self.runtime.remove_pod(&id).await.map_err(runtime_status)?;
+            Ok(Response::new(RemovePodSandboxResponse {}))
         })
         .await
     }
@@ -113,19 +148,49 @@ impl RuntimeService for CriService {
         &self,
         req: Request<PodSandboxStatusRequest>,
     ) -> Reply<PodSandboxStatusResponse> {
-        let id = req.get_ref().pod_sandbox_id.clone();
-        traced("PodSandboxStatus", &id, async {
-            Err(unimplemented("PodSandboxStatus"))
+        let req = req.into_inner();
+        traced("PodSandboxStatus", &req.pod_sandbox_id.clone(), async {
+            let pod = self
+                .runtime
+                .pod(&req.pod_sandbox_id)
+                .map_err(runtime_status)?;
+            let info = if req.verbose {
+                let record = serde_json::to_string(&pod)
+                    .map_err(|e| Status::internal(format!("cannot encode pod record: {e}")))?;
+                HashMap::from([("info".to_string(), record)])
+            } else {
+                HashMap::new()
+            };
+            Ok(Response::new(PodSandboxStatusResponse {
+                status: Some(convert::pod_status(&pod)),
+                info,
+                containers_statuses: vec![],
+                timestamp: now_nanos(),
+            }))
         })
         .await
     }
 
     async fn list_pod_sandbox(
         &self,
-        _req: Request<ListPodSandboxRequest>,
+        req: Request<ListPodSandboxRequest>,
     ) -> Reply<ListPodSandboxResponse> {
-        traced("ListPodSandbox", "", async {
-            Err(unimplemented("ListPodSandbox"))
+        let filter = req.into_inner().filter.unwrap_or_default();
+        traced("ListPodSandbox", &filter.id.clone(), async {
+            let filter = PodFilter {
+                id: filter.id,
+                state: filter
+                    .state
+                    .and_then(|s| convert::pod_filter_state(s.state)),
+                labels: filter.label_selector.into_iter().collect(),
+            };
+            let items = self
+                .runtime
+                .list_pods(&filter)
+                .iter()
+                .map(convert::pod_sandbox)
+                .collect();
+            Ok(Response::new(ListPodSandboxResponse { items }))
         })
         .await
     }
@@ -134,9 +199,15 @@ impl RuntimeService for CriService {
         &self,
         req: Request<CreateContainerRequest>,
     ) -> Reply<CreateContainerResponse> {
-        let id = req.get_ref().pod_sandbox_id.clone();
-        traced("CreateContainer", &id, async {
-            Err(unimplemented("CreateContainer"))
+        let req = req.into_inner();
+        traced("CreateContainer", &req.pod_sandbox_id.clone(), async {
+            let config = convert::container_config(req.config, req.sandbox_config.as_ref())?;
+            let id = self
+                .runtime
+                .create_container(&req.pod_sandbox_id, config)
+                .await
+                .map_err(runtime_status)?;
+            Ok(Response::new(CreateContainerResponse { container_id: id }))
         })
         .await
     }
@@ -145,9 +216,13 @@ impl RuntimeService for CriService {
         &self,
         req: Request<StartContainerRequest>,
     ) -> Reply<StartContainerResponse> {
-        let id = req.get_ref().container_id.clone();
+        let id = req.into_inner().container_id;
         traced("StartContainer", &id, async {
-            Err(unimplemented("StartContainer"))
+            self.runtime
+                .start_container(&id)
+                .await
+                .map_err(runtime_status)?;
+            Ok(Response::new(StartContainerResponse {}))
         })
         .await
     }
@@ -156,9 +231,14 @@ impl RuntimeService for CriService {
         &self,
         req: Request<StopContainerRequest>,
     ) -> Reply<StopContainerResponse> {
-        let id = req.get_ref().container_id.clone();
-        traced("StopContainer", &id, async {
-            Err(unimplemented("StopContainer"))
+        let req = req.into_inner();
+        traced("StopContainer", &req.container_id.clone(), async {
+            let timeout = Duration::from_secs(req.timeout.max(0) as u64);
+            self.runtime
+                .stop_container(&req.container_id, timeout)
+                .await
+                .map_err(runtime_status)?;
+            Ok(Response::new(StopContainerResponse {}))
         })
         .await
     }
@@ -167,19 +247,38 @@ impl RuntimeService for CriService {
         &self,
         req: Request<RemoveContainerRequest>,
     ) -> Reply<RemoveContainerResponse> {
-        let id = req.get_ref().container_id.clone();
+        let id = req.into_inner().container_id;
         traced("RemoveContainer", &id, async {
-            Err(unimplemented("RemoveContainer"))
+            self.runtime
+                .remove_container(&id)
+                .await
+                .map_err(runtime_status)?;
+            Ok(Response::new(RemoveContainerResponse {}))
         })
         .await
     }
 
     async fn list_containers(
         &self,
-        _req: Request<ListContainersRequest>,
+        req: Request<ListContainersRequest>,
     ) -> Reply<ListContainersResponse> {
-        traced("ListContainers", "", async {
-            Err(unimplemented("ListContainers"))
+        let filter = req.into_inner().filter.unwrap_or_default();
+        traced("ListContainers", &filter.id.clone(), async {
+            let filter = ContainerFilter {
+                id: filter.id,
+                pod_id: filter.pod_sandbox_id,
+                state: filter
+                    .state
+                    .and_then(|s| convert::container_filter_state(s.state)),
+                labels: filter.label_selector.into_iter().collect(),
+            };
+            let containers = self
+                .runtime
+                .list_containers(&filter)
+                .iter()
+                .map(|c| convert::container(c, &self.image_ref(&c.record.image_id)))
+                .collect();
+            Ok(Response::new(ListContainersResponse { containers }))
         })
         .await
     }
@@ -188,9 +287,29 @@ impl RuntimeService for CriService {
         &self,
         req: Request<ContainerStatusRequest>,
     ) -> Reply<ContainerStatusResponse> {
-        let id = req.get_ref().container_id.clone();
-        traced("ContainerStatus", &id, async {
-            Err(unimplemented("ContainerStatus"))
+        let req = req.into_inner();
+        traced("ContainerStatus", &req.container_id.clone(), async {
+            let c = self
+                .runtime
+                .container(&req.container_id)
+                .map_err(runtime_status)?;
+            let info = if req.verbose {
+                let info = serde_json::json!({
+                    "pid": c.status.init_pid,
+                    "sandboxID": c.record.pod_id,
+                    "record": c.record,
+                });
+                HashMap::from([("info".to_string(), info.to_string())])
+            } else {
+                HashMap::new()
+            };
+            Ok(Response::new(ContainerStatusResponse {
+                status: Some(convert::container_status(
+                    &c,
+                    &self.image_ref(&c.record.image_id),
+                )),
+                info,
+            }))
         })
         .await
     }
@@ -199,10 +318,20 @@ impl RuntimeService for CriService {
         &self,
         req: Request<UpdateContainerResourcesRequest>,
     ) -> Reply<UpdateContainerResourcesResponse> {
-        let id = req.get_ref().container_id.clone();
-        traced("UpdateContainerResources", &id, async {
-            Err(unimplemented("UpdateContainerResources"))
-        })
+        let req = req.into_inner();
+        traced(
+            "UpdateContainerResources",
+            &req.container_id.clone(),
+            async {
+                let linux = req
+                    .linux
+                    .ok_or_else(|| Status::invalid_argument("no linux resources in the request"))?;
+                self.runtime
+                    .update_resources(&req.container_id, convert::resources(linux))
+                    .map_err(runtime_status)?;
+                Ok(Response::new(UpdateContainerResourcesResponse {}))
+            },
+        )
         .await
     }
 
@@ -210,16 +339,30 @@ impl RuntimeService for CriService {
         &self,
         req: Request<ReopenContainerLogRequest>,
     ) -> Reply<ReopenContainerLogResponse> {
-        let id = req.get_ref().container_id.clone();
+        let id = req.into_inner().container_id;
         traced("ReopenContainerLog", &id, async {
-            Err(unimplemented("ReopenContainerLog"))
+            self.runtime.reopen_log(&id).await.map_err(runtime_status)?;
+            Ok(Response::new(ReopenContainerLogResponse {}))
         })
         .await
     }
 
     async fn exec_sync(&self, req: Request<ExecSyncRequest>) -> Reply<ExecSyncResponse> {
-        let id = req.get_ref().container_id.clone();
-        traced("ExecSync", &id, async { Err(unimplemented("ExecSync")) }).await
+        let req = req.into_inner();
+        traced("ExecSync", &req.container_id.clone(), async {
+            let timeout = (req.timeout > 0).then(|| Duration::from_secs(req.timeout as u64));
+            let out = self
+                .runtime
+                .exec_sync(&req.container_id, req.cmd, timeout)
+                .await
+                .map_err(runtime_status)?;
+            Ok(Response::new(ExecSyncResponse {
+                stdout: out.stdout,
+                stderr: out.stderr,
+                exit_code: out.exit_code,
+            }))
+        })
+        .await
     }
 
     async fn exec(&self, req: Request<ExecRequest>) -> Reply<ExecResponse> {
@@ -244,19 +387,35 @@ impl RuntimeService for CriService {
         &self,
         req: Request<ContainerStatsRequest>,
     ) -> Reply<ContainerStatsResponse> {
-        let id = req.get_ref().container_id.clone();
+        let id = req.into_inner().container_id;
         traced("ContainerStats", &id, async {
-            Err(unimplemented("ContainerStats"))
+            let c = self.runtime.container(&id).map_err(runtime_status)?;
+            Ok(Response::new(ContainerStatsResponse {
+                stats: Some(self.container_stats_of(&c)),
+            }))
         })
         .await
     }
 
     async fn list_container_stats(
         &self,
-        _req: Request<ListContainerStatsRequest>,
+        req: Request<ListContainerStatsRequest>,
     ) -> Reply<ListContainerStatsResponse> {
-        traced("ListContainerStats", "", async {
-            Err(unimplemented("ListContainerStats"))
+        let filter = req.into_inner().filter.unwrap_or_default();
+        traced("ListContainerStats", &filter.id.clone(), async {
+            let filter = ContainerFilter {
+                id: filter.id,
+                pod_id: filter.pod_sandbox_id,
+                state: Some(ContainerState::Running),
+                labels: filter.label_selector.into_iter().collect(),
+            };
+            let stats = self
+                .runtime
+                .list_containers(&filter)
+                .iter()
+                .map(|c| self.container_stats_of(c))
+                .collect();
+            Ok(Response::new(ListContainerStatsResponse { stats }))
         })
         .await
     }
@@ -265,19 +424,34 @@ impl RuntimeService for CriService {
         &self,
         req: Request<PodSandboxStatsRequest>,
     ) -> Reply<PodSandboxStatsResponse> {
-        let id = req.get_ref().pod_sandbox_id.clone();
+        let id = req.into_inner().pod_sandbox_id;
         traced("PodSandboxStats", &id, async {
-            Err(unimplemented("PodSandboxStats"))
+            let pod = self.runtime.pod(&id).map_err(runtime_status)?;
+            Ok(Response::new(PodSandboxStatsResponse {
+                stats: Some(self.pod_stats_of(&pod)),
+            }))
         })
         .await
     }
 
     async fn list_pod_sandbox_stats(
         &self,
-        _req: Request<ListPodSandboxStatsRequest>,
+        req: Request<ListPodSandboxStatsRequest>,
     ) -> Reply<ListPodSandboxStatsResponse> {
-        traced("ListPodSandboxStats", "", async {
-            Err(unimplemented("ListPodSandboxStats"))
+        let filter = req.into_inner().filter.unwrap_or_default();
+        traced("ListPodSandboxStats", &filter.id.clone(), async {
+            let filter = PodFilter {
+                id: filter.id,
+                state: Some(PodState::Ready),
+                labels: filter.label_selector.into_iter().collect(),
+            };
+            let stats = self
+                .runtime
+                .list_pods(&filter)
+                .iter()
+                .map(|p| self.pod_stats_of(p))
+                .collect();
+            Ok(Response::new(ListPodSandboxStatsResponse { stats }))
         })
         .await
     }
@@ -308,7 +482,9 @@ impl RuntimeService for CriService {
         _req: Request<ListMetricDescriptorsRequest>,
     ) -> Reply<ListMetricDescriptorsResponse> {
         traced("ListMetricDescriptors", "", async {
-            Err(unimplemented("ListMetricDescriptors"))
+            Ok(Response::new(ListMetricDescriptorsResponse {
+                descriptors: stats::metric_descriptors(),
+            }))
         })
         .await
     }
@@ -318,21 +494,51 @@ impl RuntimeService for CriService {
         _req: Request<ListPodSandboxMetricsRequest>,
     ) -> Reply<ListPodSandboxMetricsResponse> {
         traced("ListPodSandboxMetrics", "", async {
-            Err(unimplemented("ListPodSandboxMetrics"))
+            let filter = PodFilter {
+                state: Some(PodState::Ready),
+                ..Default::default()
+            };
+            let pod_metrics = self
+                .runtime
+                .list_pods(&filter)
+                .iter()
+                .map(|p| stats::pod_metrics(&self.pod_stats_of(p)))
+                .collect();
+            Ok(Response::new(ListPodSandboxMetricsResponse { pod_metrics }))
         })
         .await
     }
 }
 
+fn now_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or_default()
+}
+
 impl CriService {
+    /// The image reference a container reports: a repo digest if the image has one, else its id.
+    pub(super) fn image_ref(&self, image_id: &str) -> String {
+        match self.images.find(image_id) {
+            Ok(Some(image)) => image
+                .repo_digests
+                .iter()
+                .next()
+                .cloned()
+                .unwrap_or_else(|| image_id.to_string()),
+            _ => image_id.to_string(),
+        }
+    }
+
     fn status_reply(&self, verbose: bool) -> Result<StatusResponse, Status> {
-        let runtime_condition = match runtime::readiness() {
+        let runtime_condition = match self.runtime.readiness() {
             RuntimeReadiness::Ready => condition("RuntimeReady", None),
             RuntimeReadiness::NotReady { reason, message } => {
                 condition("RuntimeReady", Some((reason, message)))
             }
         };
-        let network_condition = match cni::readiness() {
+        let network_condition = match self.runtime.network().readiness() {
             NetworkReadiness::Ready => condition("NetworkReady", None),
             NetworkReadiness::NotReady { reason, message } => {
                 condition("NetworkReady", Some((reason, message)))
@@ -382,6 +588,10 @@ impl CriService {
         }
         let mut info = HashMap::new();
         info.insert("config".to_string(), config.to_string());
+        info.insert(
+            "network".to_string(),
+            self.runtime.network().describe().to_string(),
+        );
         info.insert(
             "cgroupVersion".to_string(),
             serde_json::to_string(&self.cgroup_version)

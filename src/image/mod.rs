@@ -90,7 +90,7 @@ pub struct ImageStore {
     max_downloads: usize,
     /// Pulls in flight by reference: a second caller waits on the first's pull.
     pulls: Mutex<HashMap<String, SharedPull>>,
-    /// Layer fetches in flight by chain id, shared between images.
+    /// Layer fetches in flight by blob digest, shared between images.
     layers: Mutex<HashMap<Digest, pull::SharedLayer>>,
     /// Pulls hold it shared; garbage collection holds it alone, so it never
     /// deletes what a running pull has written but not yet recorded.
@@ -171,6 +171,15 @@ impl ImageStore {
                     }
                     None => {
                         image.repo_tags.remove(&r.to_string());
+                        // As Docker does: the repository's digest names go
+                        // with its last tag, else removing an image by its
+                        // only tag (crictl rmi) would leave it listed.
+                        let same_repo =
+                            |t: &String| t.rsplit_once(':').is_some_and(|(n, _)| n == r.name());
+                        if !image.repo_tags.iter().any(same_repo) {
+                            let prefix = format!("{}@", r.name());
+                            image.repo_digests.retain(|d| !d.starts_with(&prefix));
+                        }
                     }
                 },
             }

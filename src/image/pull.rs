@@ -284,14 +284,16 @@ impl ImageStore {
         slots: Arc<Semaphore>,
     ) -> SharedLayer {
         let mut fetches = self.layers.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(f) = fetches.get(&layer.chain_id) {
+        // Keyed by blob: two images may carry one layer compressed differently,
+        // and each needs its own blob in the content store.
+        if let Some(f) = fetches.get(&layer.digest) {
             return f.clone();
         }
         let store = self.clone();
         let session = session.clone();
         let layer = layer.clone();
         let name = name.to_string();
-        let key = layer.chain_id.clone();
+        let key = layer.digest.clone();
         let task = tokio::spawn(async move {
             let result = match slots.acquire_owned().await {
                 Ok(_slot) => store.fetch_layer(&session, &name, &layer).await,
@@ -301,7 +303,7 @@ impl ImageStore {
                 .layers
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .remove(&layer.chain_id);
+                .remove(&layer.digest);
             result.map_err(Arc::new)
         });
         let shared = async move {

@@ -73,7 +73,7 @@ impl Berthd {
         let socket = state_dir.join("berth.sock");
         let config_path = dir.path().join("config.yaml");
         let config = format!(
-            "root: {root}\nstate_dir: {state}\nsocket: {socket}\nlog_level: debug\n\
+            "root: {root}\nstate_dir: {state}\nsocket: {socket}\nlog_level: berth=debug,info\n\
              cgroup:\n  parent: {cg}\nnetwork:\n  bridge: {br}\n  nft_table: {nft}\n  \
              cni_conf_dir: {cni}\n{extra}",
             root = root.display(),

@@ -6,3 +6,4 @@
 pub mod berthd;
 pub mod fixtures;
 pub mod registry;
+pub mod token_server;

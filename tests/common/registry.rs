@@ -1,7 +1,8 @@
 //! A real container registry for integration tests: Debian's `docker-registry`
 //! (distribution 2.8) run as a child process on a free port of 127.0.0.1, with
-//! optional htpasswd basic auth and TLS from its own throwaway CA, plus `push`
-//! of images from an OCI layout with `skopeo`.
+//! optional htpasswd basic auth or Bearer token auth, TLS from its own
+//! throwaway CA and an access log to count requests, plus `push` of images
+//! from an OCI layout with `skopeo`.
 
 use std::fmt::Write as _;
 use std::fs;
@@ -32,6 +33,34 @@ pub struct RegistryOptions {
     /// Serve HTTPS with a certificate for 127.0.0.1 and localhost, signed by
     /// a CA made for this registry alone.
     pub tls: bool,
+    /// Require Bearer tokens from a token server (exclusive with `auth`).
+    pub token: Option<TokenAuth>,
+    /// Write one access log line per request, read back by
+    /// [`Registry::access_log`].
+    pub access_log: bool,
+}
+
+/// Bearer token auth (distribution's `auth.token`): the registry sends
+/// clients to `realm` and trusts tokens signed by the key whose certificate
+/// is `root_cert_bundle`.
+#[derive(Clone, Debug)]
+pub struct TokenAuth {
+    pub realm: String,
+    pub service: String,
+    pub issuer: String,
+    pub root_cert_bundle: PathBuf,
+    /// What `push` gives the token server (skopeo `--dest-creds`), if it
+    /// wants credentials.
+    pub push_credentials: Option<Credentials>,
+}
+
+/// One request as the registry's access log (combined log format) has it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccessLogEntry {
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+    pub user_agent: String,
 }
 
 impl RegistryOptions {
@@ -52,6 +81,18 @@ impl RegistryOptions {
     /// Serve HTTPS with the registry's own CA.
     pub fn tls(mut self) -> Self {
         self.tls = true;
+        self
+    }
+
+    /// Require Bearer tokens issued as `token` says.
+    pub fn token_auth(mut self, token: TokenAuth) -> Self {
+        self.token = Some(token);
+        self
+    }
+
+    /// Log every request, for [`Registry::access_log`].
+    pub fn access_log(mut self) -> Self {
+        self.access_log = true;
         self
     }
 
@@ -80,6 +121,8 @@ pub struct Registry {
     child: ChildGuard,
     port: u16,
     auth: Option<Credentials>,
+    /// Credentials for the token server of a token-auth registry.
+    token_credentials: Option<Credentials>,
     tls: Option<TlsFiles>,
     log: PathBuf,
     dir: tempfile::TempDir,
@@ -119,6 +162,9 @@ impl Registry {
             .map_err(|e| format!("registry: create tempdir: {e}"))?;
         let storage = dir.path().join("storage");
         fs::create_dir(&storage).map_err(|e| format!("registry: mkdir storage: {e}"))?;
+        if opts.auth.is_some() && opts.token.is_some() {
+            return Err("registry: basic auth and token auth exclude each other".to_string());
+        }
 
         let htpasswd = match &opts.auth {
             Some(c) => Some(write_htpasswd(dir.path(), c)?),
@@ -135,7 +181,7 @@ impl Registry {
         for attempt in 0..START_ATTEMPTS {
             let port = free_port()?;
             let config = dir.path().join("config.yml");
-            let yaml = config_yaml(port, &storage, htpasswd.as_deref(), tls.as_ref());
+            let yaml = config_yaml(port, &storage, htpasswd.as_deref(), tls.as_ref(), &opts);
             fs::write(&config, yaml).map_err(|e| format!("registry: write config: {e}"))?;
             let log = dir.path().join(format!("registry-{attempt}.log"));
             let log_file =
@@ -159,6 +205,7 @@ impl Registry {
                         child,
                         port,
                         auth: opts.auth,
+                        token_credentials: opts.token.and_then(|t| t.push_credentials),
                         tls,
                         log,
                         dir,
@@ -222,6 +269,12 @@ impl Registry {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Requests logged so far (empty unless started with `access_log`). The
+    /// registry logs a request when it has written the whole response.
+    pub fn access_log(&self) -> Vec<AccessLogEntry> {
+        self.log().lines().filter_map(parse_access_line).collect()
+    }
+
     /// Push the image or index tagged `layout_ref` in the OCI layout at
     /// `layout` to `<addr>/<repo_and_tag>` with skopeo. Returns the manifest
     /// digest the registry stored ("sha256:…").
@@ -250,7 +303,7 @@ impl Registry {
                 cmd.arg("--dest-tls-verify=false");
             }
         }
-        if let Some(c) = &self.auth {
+        if let Some(c) = self.auth.as_ref().or(self.token_credentials.as_ref()) {
             cmd.arg("--dest-creds")
                 .arg(format!("{}:{}", c.username, c.password));
         }
@@ -356,14 +409,16 @@ fn config_yaml(
     storage: &Path,
     htpasswd: Option<&Path>,
     tls: Option<&TlsFiles>,
+    opts: &RegistryOptions,
 ) -> String {
     let mut y = String::new();
     let _ = write!(
         y,
         "version: 0.1\n\
-         log:\n  level: warn\n  accesslog:\n    disabled: true\n\
+         log:\n  level: warn\n  accesslog:\n    disabled: {}\n\
          storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
          http:\n  addr: 127.0.0.1:{port}\n",
+        !opts.access_log,
         storage.display()
     );
     if let Some(t) = tls {
@@ -381,7 +436,39 @@ fn config_yaml(
             h.display()
         );
     }
+    if let Some(t) = &opts.token {
+        let _ = write!(
+            y,
+            "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    \
+             rootcertbundle: {}\n",
+            t.realm,
+            t.service,
+            t.issuer,
+            t.root_cert_bundle.display()
+        );
+    }
     y
+}
+
+/// Parses `127.0.0.1 - - [date] "GET /v2/ HTTP/1.1" 200 2 "referer" "agent"`;
+/// other lines (the registry's own messages) give None.
+fn parse_access_line(line: &str) -> Option<AccessLogEntry> {
+    let (_, after_date) = line.split_once("] \"")?;
+    let (request, rest) = after_date.split_once('"')?;
+    let mut parts = request.split(' ');
+    let (method, path, proto) = (parts.next()?, parts.next()?, parts.next()?);
+    if !proto.starts_with("HTTP/") {
+        return None;
+    }
+    let status = rest.split_whitespace().next()?.parse().ok()?;
+    // The user agent is the last quoted field.
+    let user_agent = rest.trim_end().strip_suffix('"')?.rsplit_once('"')?.1;
+    Some(AccessLogEntry {
+        method: method.to_string(),
+        path: path.to_string(),
+        status,
+        user_agent: user_agent.to_string(),
+    })
 }
 
 fn free_port() -> Result<u16, String> {

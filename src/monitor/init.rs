@@ -1,0 +1,250 @@
+//! The container init: the monitor's child that enters the container's
+//! namespaces, builds its filesystem, takes on its process settings, reports
+//! "created", waits for start and execs. Its steps, top to bottom, are the
+//! list in [`create_and_exec`]; security profiles (seccomp, AppArmor,
+//! SELinux) will go into [`apply_security`], right before exec.
+
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::OFlag;
+use nix::pty::{grantpt, posix_openpt, ptsname_r, unlockpt};
+use nix::sched::{CloneFlags, setns, unshare};
+use nix::sys::stat::{Mode, umask};
+use nix::unistd::{dup2_stderr, dup2_stdin, dup2_stdout, setsid};
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
+
+use super::sync::{FromInit, FromMonitor, SyncSocket};
+use super::{MonitorConfig, Step, StepError, process, rootfs};
+
+/// The init's standard streams as the monitor made them: pipe ends or
+/// /dev/null (with a terminal, /dev/null until the pty exists).
+#[derive(Debug)]
+pub(crate) struct InitStdio {
+    pub(crate) stdin: OwnedFd,
+    pub(crate) stdout: OwnedFd,
+    pub(crate) stderr: OwnedFd,
+}
+
+/// How the init ends when it does not exec.
+enum Failure {
+    Setup(StepError),
+    Exec(String),
+    /// The monitor went away; nobody to report to.
+    MonitorGone,
+}
+
+impl From<StepError> for Failure {
+    fn from(e: StepError) -> Failure {
+        Failure::Setup(e)
+    }
+}
+
+/// Runs in the forked child; never returns.
+pub(crate) fn run(spec: &Spec, config: &MonitorConfig, sync: SyncSocket, stdio: InitStdio) -> ! {
+    let code = match create_and_exec(spec, config, &sync, stdio) {
+        Err(Failure::Setup(e)) => {
+            let _ = sync.send_to_monitor(&FromInit::SetupError(e.to_string()));
+            1
+        }
+        Err(Failure::Exec(message)) => {
+            let _ = sync.send_to_monitor(&FromInit::ExecError(message));
+            super::START_ERROR_EXIT_CODE
+        }
+        Err(Failure::MonitorGone) => 1,
+        Ok(never) => match never {},
+    };
+    std::process::exit(code)
+}
+
+fn create_and_exec(
+    spec: &Spec,
+    config: &MonitorConfig,
+    sync: &SyncSocket,
+    stdio: InitStdio,
+) -> Result<std::convert::Infallible, Failure> {
+    // Device nodes and files get exactly the modes asked for.
+    umask(Mode::empty());
+    process::unblock_signals()?;
+    let default_process = oci_spec::runtime::Process::default();
+    let process = spec.process().as_ref().unwrap_or(&default_process);
+    let tty = process.terminal() == Some(true);
+    if tty != config.tty {
+        return Err(
+            StepError::msg("spec", "process.terminal and monitor.json tty disagree").into(),
+        );
+    }
+    // The monitor has put us into the container's cgroups.
+    match sync.recv_from_monitor()? {
+        Some(FromMonitor::Proceed) => {}
+        _ => return Err(Failure::MonitorGone),
+    }
+    set_stdio(stdio)?;
+    setsid().step(|| "setsid".into())?;
+    let owns_uts = enter_namespaces(spec)?;
+    let root = rootfs::root_path(spec)?;
+    rootfs::prepare(spec, &root, &super::cgroup_dirs(config))?;
+    rootfs::pivot(&root)?;
+    if tty {
+        open_terminal(sync)?;
+    }
+    rootfs::finalize(spec)?;
+    if owns_uts && let Some(hostname) = spec.hostname().as_deref().filter(|h| !h.is_empty()) {
+        nix::unistd::sethostname(hostname).step(|| format!("sethostname {hostname}"))?;
+    }
+    rootfs::write_sysctls(spec)?;
+    rootfs::readonly_paths(spec)?;
+    rootfs::masked_paths(spec)?;
+    process::set_rlimits(process)?;
+    process::set_oom_score_adj(process.oom_score_adj())?;
+    process::set_no_new_privs(process)?;
+    process::set_identity(process)?;
+    process::chdir(process)?;
+    process::set_umask(process);
+    process::cloexec_above_stdio()?;
+    sync.send_to_monitor(&FromInit::Ready)?;
+    match sync.recv_from_monitor()? {
+        Some(FromMonitor::Start) => {}
+        _ => return Err(Failure::MonitorGone),
+    }
+    apply_security(spec)?;
+    let args = process.args().as_deref().unwrap_or_default();
+    let env = process.env().as_deref().unwrap_or_default();
+    Err(Failure::Exec(process::exec(args, env)))
+}
+
+fn set_stdio(stdio: InitStdio) -> Result<(), StepError> {
+    dup2_stdin(&stdio.stdin).step(|| "set stdin".into())?;
+    dup2_stdout(&stdio.stdout).step(|| "set stdout".into())?;
+    dup2_stderr(&stdio.stderr).step(|| "set stderr".into())?;
+    Ok(())
+}
+
+fn clone_flag(typ: LinuxNamespaceType) -> CloneFlags {
+    match typ {
+        LinuxNamespaceType::Mount => CloneFlags::CLONE_NEWNS,
+        LinuxNamespaceType::Cgroup => CloneFlags::CLONE_NEWCGROUP,
+        LinuxNamespaceType::Uts => CloneFlags::CLONE_NEWUTS,
+        LinuxNamespaceType::Ipc => CloneFlags::CLONE_NEWIPC,
+        LinuxNamespaceType::User => CloneFlags::CLONE_NEWUSER,
+        LinuxNamespaceType::Pid => CloneFlags::CLONE_NEWPID,
+        LinuxNamespaceType::Network => CloneFlags::CLONE_NEWNET,
+        LinuxNamespaceType::Time => CloneFlags::from_bits_retain(libc::CLONE_NEWTIME),
+    }
+}
+
+/// The spec's pid namespace: Some(Some(path)) to join, Some(None) for a new
+/// one, None to stay in the monitor's.
+fn pid_namespace(spec: &Spec) -> Option<Option<PathBuf>> {
+    spec.linux()
+        .as_ref()?
+        .namespaces()
+        .as_ref()?
+        .iter()
+        .find(|ns| ns.typ() == LinuxNamespaceType::Pid)
+        .map(|ns| ns.path().clone())
+}
+
+/// Run by the monitor right before it forks the init: the child is born in
+/// the container's pid namespace (as its PID 1 when the namespace is new).
+pub(crate) fn enter_pid_namespace(spec: &Spec) -> Result<(), StepError> {
+    match pid_namespace(spec) {
+        None => Ok(()),
+        Some(None) => unshare(CloneFlags::CLONE_NEWPID).step(|| "unshare the pid namespace".into()),
+        Some(Some(path)) => {
+            let file =
+                File::open(&path).step(|| format!("open pid namespace {}", path.display()))?;
+            setns(file.as_fd(), CloneFlags::CLONE_NEWPID)
+                .step(|| format!("join pid namespace {}", path.display()))
+        }
+    }
+}
+
+/// Joins the namespaces the spec names by path, then unshares the new ones
+/// (always a new mount namespace). Returns whether the UTS namespace is the
+/// container's own (then its hostname is set).
+fn enter_namespaces(spec: &Spec) -> Result<bool, StepError> {
+    let namespaces = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_deref())
+        .unwrap_or_default();
+    let mut joins = Vec::new();
+    let mut new = CloneFlags::CLONE_NEWNS;
+    let mut owns_uts = false;
+    for ns in namespaces {
+        let typ = ns.typ();
+        match (typ, ns.path()) {
+            // The monitor placed us already.
+            (LinuxNamespaceType::Pid, _) => {}
+            (LinuxNamespaceType::User | LinuxNamespaceType::Time, _) => {
+                return Err(StepError::msg(
+                    "spec namespaces",
+                    format!("{typ} namespaces are not supported yet"),
+                ));
+            }
+            (LinuxNamespaceType::Mount, Some(path)) => {
+                return Err(StepError::msg(
+                    "spec namespaces",
+                    format!(
+                        "joining mount namespace {} is not supported",
+                        path.display()
+                    ),
+                ));
+            }
+            (_, Some(path)) => {
+                let file =
+                    File::open(path).step(|| format!("open {typ} namespace {}", path.display()))?;
+                joins.push((file, typ, path));
+            }
+            (_, None) => {
+                owns_uts |= typ == LinuxNamespaceType::Uts;
+                new |= clone_flag(typ);
+            }
+        }
+    }
+    for (file, typ, path) in &joins {
+        setns(file.as_fd(), clone_flag(*typ))
+            .step(|| format!("join {typ} namespace {}", path.display()))?;
+    }
+    unshare(new).step(|| format!("unshare {new:?}"))?;
+    Ok(owns_uts)
+}
+
+/// A pty from the container's own devpts: the master goes to the monitor,
+/// the slave becomes /dev/console, the controlling terminal and stdio.
+fn open_terminal(sync: &SyncSocket) -> Result<(), StepError> {
+    let master = posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)
+        .step(|| "open /dev/ptmx".into())?;
+    grantpt(&master).step(|| "grantpt".into())?;
+    unlockpt(&master).step(|| "unlockpt".into())?;
+    let name = ptsname_r(&master).step(|| "ptsname".into())?;
+    let slave = nix::fcntl::open(
+        Path::new(&name),
+        OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .step(|| format!("open {name}"))?;
+    sync.send_to_monitor(&FromInit::Pty(OwnedFd::from(master)))?;
+    rootfs::mount_console(Path::new(&name))?;
+    // SAFETY: TIOCSCTTY takes an int argument (0: do not steal) and no pointers.
+    let rc = unsafe { libc::ioctl(slave.as_raw_fd(), libc::TIOCSCTTY, 0) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .step(|| "make the pty the controlling terminal".into());
+    }
+    set_stdio(InitStdio {
+        stdin: slave.try_clone().step(|| "dup the pty".into())?,
+        stdout: slave.try_clone().step(|| "dup the pty".into())?,
+        stderr: slave,
+    })
+}
+
+/// Security profiles, applied as late as possible before exec: seccomp
+/// (linux.seccomp), AppArmor (process.apparmorProfile) and SELinux
+/// (process.selinuxLabel) come here in a later change and are ignored until
+/// then.
+fn apply_security(_spec: &Spec) -> Result<(), StepError> {
+    Ok(())
+}

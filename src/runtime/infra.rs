@@ -1,0 +1,164 @@
+//! The infra process of a pod that shares one PID namespace: berth's own tiny
+//! PID 1 (`berthd pod-infra`, hidden), not an image. It reaps orphans and
+//! lives until killed; its PID namespace is pinned like the pod's others.
+//!
+//! `berthd pod-infra` runs with CLONE_NEWPID unshared by its launcher, so its
+//! first child is PID 1 of the new namespace; it prints that child's pid and
+//! exits, and the child is reparented away from berthd.
+
+use std::io::Write;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use nix::sched::{CloneFlags, unshare};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::wait::{WaitPidFlag, waitpid};
+use nix::unistd::{ForkResult, Pid, fork, setsid};
+
+use super::RuntimeError;
+
+/// The hidden subcommand: fork PID 1 of the new namespace, print its pid.
+pub fn run() -> i32 {
+    // SAFETY: this process is single-threaded (no async runtime exists yet),
+    // so the child may run any code after fork.
+    match unsafe { fork() } {
+        Ok(ForkResult::Parent { child }) => {
+            let mut out = std::io::stdout();
+            let _ = writeln!(out, "{child}");
+            let _ = out.flush();
+            0
+        }
+        Ok(ForkResult::Child) => pid1(),
+        Err(e) => {
+            eprintln!("berthd pod-infra: fork: {e}");
+            1
+        }
+    }
+}
+
+/// PID 1 of the pod: no stdio, own session, reap every child, exit on
+/// SIGTERM or SIGINT (SIGKILL needs no handling).
+fn pid1() -> ! {
+    // Let go of the launcher's pipes: it reads stdout until every copy closes.
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        let _ = nix::unistd::dup2_stdin(&null);
+        let _ = nix::unistd::dup2_stdout(&null);
+        let _ = nix::unistd::dup2_stderr(&null);
+    }
+    let _ = setsid();
+    let mut wanted = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGCHLD] {
+        wanted.add(s);
+    }
+    let _ = wanted.thread_block();
+    loop {
+        match wanted.wait() {
+            Ok(Signal::SIGCHLD) => {
+                while let Ok(status) = waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                    if status == nix::sys::wait::WaitStatus::StillAlive {
+                        break;
+                    }
+                }
+            }
+            Ok(_) => std::process::exit(0),
+            Err(_) => {}
+        }
+    }
+}
+
+/// Starts the infra process of a pod, puts it into the pod's cgroups, and
+/// pins its PID namespace at `pin`. Returns its pid.
+pub fn start(exe: &Path, cgroup_procs: &[PathBuf], pin: &Path) -> Result<i32, RuntimeError> {
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |source| RuntimeError::Io { what, source }
+    };
+    let mut command = Command::new(exe);
+    command
+        .arg("pod-infra")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: unshare is async-signal-safe; it only changes the namespace
+    // that this child's own children will be born into.
+    unsafe {
+        command.pre_exec(|| unshare(CloneFlags::CLONE_NEWPID).map_err(std::io::Error::from));
+    }
+    let out = command
+        .output()
+        .map_err(io("start the pod infra process"))?;
+    if !out.status.success() {
+        return Err(RuntimeError::Io {
+            what: "start the pod infra process".to_string(),
+            source: std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+        });
+    }
+    let pid: i32 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .map_err(|_| RuntimeError::Io {
+            what: "read the pod infra pid".to_string(),
+            source: std::io::Error::other("no pid printed"),
+        })?;
+    let pinned = (|| {
+        for procs in cgroup_procs {
+            std::fs::write(procs, pid.to_string())
+                .map_err(io("move the pod infra into its cgroup"))?;
+        }
+        std::fs::File::create(pin).map_err(io("create the pid namespace pin"))?;
+        nix::mount::mount(
+            Some(Path::new(&format!("/proc/{pid}/ns/pid"))),
+            pin,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| RuntimeError::Io {
+            what: "pin the pod's pid namespace".to_string(),
+            source: e.into(),
+        })
+    })();
+    if let Err(e) = pinned {
+        stop(pid, pin);
+        return Err(e);
+    }
+    Ok(pid)
+}
+
+/// Kills the infra process, and with it every process of the pod's PID
+/// namespace, if `pin` still names that process's namespace (so a reused pid
+/// is never killed). Repeatable.
+pub fn stop(pid: i32, pin: &Path) {
+    let same = match (
+        std::fs::metadata(pin),
+        std::fs::metadata(format!("/proc/{pid}/ns/pid")),
+    ) {
+        (Ok(a), Ok(b)) => {
+            use std::os::unix::fs::MetadataExt;
+            a.ino() == b.ino() && a.dev() == b.dev()
+        }
+        _ => false,
+    };
+    if same {
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        // It is not our child: wait for /proc to forget it, briefly.
+        for _ in 0..200 {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+    if let Err(e) = nix::mount::umount2(pin, nix::mount::MntFlags::MNT_DETACH)
+        && e != nix::Error::EINVAL
+        && e != nix::Error::ENOENT
+    {
+        tracing::warn!(pin = %pin.display(), error = %e, "cannot unpin the pid namespace");
+    }
+    let _ = std::fs::remove_file(pin);
+}

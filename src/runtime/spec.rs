@@ -1,0 +1,165 @@
+//! The OCI runtime spec (`config.json`) of a container: berth's defaults, as
+//! containerd's, combined with the image config, the pod and the request.
+
+use std::path::Path;
+
+use serde_json::{Value, json};
+
+use super::container::{ContainerConfig, Propagation};
+use super::pod::{NamespaceMode, PodPaths, PodRecord};
+
+/// containerd's default capability set.
+pub const DEFAULT_CAPABILITIES: [&str; 14] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+pub const MASKED_PATHS: [&str; 11] = [
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+];
+
+pub const READONLY_PATHS: [&str; 5] = [
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
+
+/// Everything resolved before the spec is written.
+pub struct SpecInput<'a> {
+    pub config: &'a ContainerConfig,
+    pub pod: &'a PodRecord,
+    pub pod_paths: &'a PodPaths,
+    pub rootfs: &'a Path,
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub cgroup: &'a str,
+    /// A PID namespace to join (the pod's or a target container's).
+    pub pid_namespace: Option<std::path::PathBuf>,
+}
+
+fn bind(destination: &str, source: &str, options: &[&str]) -> Value {
+    json!({"destination": destination, "type": "bind", "source": source, "options": options})
+}
+
+/// The spec as JSON, ready for `config.json`.
+pub fn build(input: &SpecInput) -> Value {
+    let c = input.config;
+    let pod = &input.pod.config;
+    let mut mounts = vec![
+        json!({"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
+        json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]}),
+        json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}),
+    ];
+    let shm = if pod.namespaces.ipc == NamespaceMode::Node {
+        "/dev/shm".to_string()
+    } else {
+        input.pod_paths.shm().display().to_string()
+    };
+    mounts.push(bind(
+        "/dev/shm",
+        &shm,
+        &["rbind", "nosuid", "nodev", "noexec"],
+    ));
+    let requested: Vec<&str> = c.mounts.iter().map(|m| m.container_path.as_str()).collect();
+    for (dest, source) in [
+        ("/etc/hostname", input.pod_paths.hostname()),
+        ("/etc/hosts", input.pod_paths.hosts()),
+        ("/etc/resolv.conf", input.pod_paths.resolv_conf()),
+    ] {
+        if !requested.contains(&dest) {
+            mounts.push(bind(dest, &source.display().to_string(), &["rbind", "rw"]));
+        }
+    }
+    for m in &c.mounts {
+        let mut options = vec!["rbind"];
+        options.push(if m.readonly { "ro" } else { "rw" });
+        options.push(match m.propagation {
+            Propagation::Private => "rprivate",
+            Propagation::HostToContainer => "rslave",
+            Propagation::Bidirectional => "rshared",
+        });
+        mounts.push(bind(&m.container_path, &m.host_path, &options));
+    }
+
+    let mut namespaces = vec![json!({"type": "mount"})];
+    let pin = |kind: &str| input.pod_paths.ns.join(kind).display().to_string();
+    if pod.namespaces.network != NamespaceMode::Node {
+        namespaces.push(json!({"type": "network", "path": pin("net")}));
+    }
+    if pod.namespaces.ipc != NamespaceMode::Node {
+        namespaces.push(json!({"type": "ipc", "path": pin("ipc")}));
+    }
+    if pod.namespaces.network != NamespaceMode::Node {
+        namespaces.push(json!({"type": "uts", "path": pin("uts")}));
+    }
+    match (&input.pid_namespace, c.pid_mode) {
+        (Some(path), _) => namespaces.push(json!({"type": "pid", "path": path})),
+        (None, NamespaceMode::Node) => {}
+        (None, _) => namespaces.push(json!({"type": "pid"})),
+    }
+
+    let caps: Vec<&str> = DEFAULT_CAPABILITIES.to_vec();
+    let hostname = if pod.hostname.is_empty() {
+        nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    } else {
+        pod.hostname.clone()
+    };
+    json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": c.tty,
+            "user": {"uid": input.uid, "gid": input.gid, "additionalGids": input.groups},
+            "args": input.args,
+            "env": input.env,
+            "cwd": input.cwd,
+            "capabilities": {
+                "bounding": caps, "effective": caps, "permitted": caps,
+            },
+            "noNewPrivileges": false,
+            "oomScoreAdj": c.resources.oom_score_adj,
+        },
+        "root": {"path": input.rootfs, "readonly": c.readonly_rootfs},
+        "hostname": hostname,
+        "mounts": mounts,
+        "linux": {
+            "namespaces": namespaces,
+            "cgroupsPath": format!("/{}", input.cgroup),
+            "maskedPaths": if c.privileged { vec![] } else { MASKED_PATHS.to_vec() },
+            "readonlyPaths": if c.privileged { vec![] } else { READONLY_PATHS.to_vec() },
+            "rootfsPropagation": "rslave",
+        },
+        "annotations": c.annotations,
+    })
+}

@@ -1,0 +1,730 @@
+//! The built-in bridge network through its own API, as root: pods in network
+//! namespaces of the test's own, proved with real TCP connections (pod to
+//! pod, pod to host, host ports from the host, from outside and hairpin),
+//! then shown to leave nothing behind.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use berth::cni::bridge::{BridgeNetwork, host_veth_name};
+use berth::cni::{PodNetwork, PodNetworkRequest};
+use berth::config::NetworkConfig;
+use berth::runtime::namespace::{self, NamespaceKind, NamespaceSetup};
+use berth::runtime::pod::PortMapping;
+
+fn is_root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    eprintln!("skipped: the network tests need root");
+    false
+}
+
+/// Names, subnet and ports of one test: unique per process and test, so
+/// tests (and other runs of them) go in parallel without meeting.
+struct Names {
+    bridge: String,
+    table: String,
+    subnet: String,
+    /// Third octet of the test's outside link, 10.199.<x>.0/30.
+    link: u8,
+    port_base: u16,
+}
+
+impl Names {
+    fn unique() -> Names {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        Names {
+            bridge: format!("btn{}x{n}", pid % 100_000),
+            table: format!("berth_tn_{pid}_{n}"),
+            subnet: format!("10.{}.{}.0/24", 160 + pid % 39, n % 256),
+            link: ((pid * 8 + n) % 256) as u8,
+            port_base: 20_000 + ((pid % 2_000) * 20 + n * 5) as u16 % 40_000,
+        }
+    }
+}
+
+/// A BridgeNetwork of the test's own, removed whole on drop.
+struct TestNetwork {
+    net: BridgeNetwork,
+    names: Names,
+    dir: tempfile::TempDir,
+}
+
+impl TestNetwork {
+    fn new() -> TestNetwork {
+        let names = Names::unique();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let net = BridgeNetwork::new(&config(&names), dir.path()).expect("bridge network");
+        TestNetwork { net, names, dir }
+    }
+
+    /// The same network as a restarted berthd sees it.
+    fn reopen(&self) -> BridgeNetwork {
+        BridgeNetwork::new(&config(&self.names), self.dir.path()).expect("reopen")
+    }
+
+    fn ipam_dir(&self) -> PathBuf {
+        let subnet = self.net.subnet();
+        self.dir
+            .path()
+            .join("ipam")
+            .join(format!("{}-{}", subnet.addr(), subnet.prefix_len()))
+    }
+
+    fn table_text(&self) -> String {
+        let out = Command::new("nft")
+            .args(["list", "table", "inet", &self.names.table])
+            .output()
+            .expect("nft list table");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn table_exists(&self) -> bool {
+        Command::new("nft")
+            .args(["list", "table", "inet", &self.names.table])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+}
+
+impl Drop for TestNetwork {
+    fn drop(&mut self) {
+        if let Err(e) = self.net.remove_all() {
+            eprintln!("remove_all: {e}");
+        }
+    }
+}
+
+fn config(names: &Names) -> NetworkConfig {
+    NetworkConfig {
+        bridge: names.bridge.clone(),
+        subnet: names.subnet.clone(),
+        nft_table: names.table.clone(),
+        ..NetworkConfig::default()
+    }
+}
+
+fn link_exists(name: &str) -> bool {
+    Path::new("/sys/class/net").join(name).exists()
+}
+
+/// A network namespace of the test's own, pinned like a pod's; unpinned on drop.
+struct Netns {
+    dir: tempfile::TempDir,
+}
+
+impl Netns {
+    fn new() -> Netns {
+        let dir = tempfile::tempdir().expect("tempdir");
+        namespace::create_pinned(
+            &dir.path().join("ns"),
+            NamespaceSetup {
+                kinds: vec![NamespaceKind::Net],
+                hostname: String::new(),
+                sysctls: BTreeMap::new(),
+            },
+        )
+        .expect("pinned netns");
+        Netns { dir }
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().join("ns").join("net")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        namespace::remove_pins(&self.dir.path().join("ns"), &[NamespaceKind::Net]);
+    }
+}
+
+/// Runs `f` on a new thread inside the network namespace at `netns` (or the
+/// host's, for None). Sockets made there stay in that namespace.
+fn in_netns<T: Send + 'static>(netns: Option<&Path>, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let file = netns.map(|p| std::fs::File::open(p).expect("open netns"));
+    std::thread::spawn(move || {
+        if let Some(file) = file {
+            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        }
+        f()
+    })
+    .join()
+    .expect("netns thread")
+}
+
+/// A TCP server that answers each connection with `<marker> <peer address>`.
+struct Server {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    fn start(netns: Option<&Path>, bind: SocketAddr, marker: &str) -> Server {
+        let listener = in_netns(netns, move || TcpListener::bind(bind)).expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("local addr");
+        let stop = Arc::new(AtomicBool::new(false));
+        let marker = marker.to_string();
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((mut conn, peer)) => {
+                            let _ = conn.set_nonblocking(false);
+                            let _ = conn.write_all(format!("{marker} {}\n", peer.ip()).as_bytes());
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+            })
+        };
+        Server {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Connects from `netns` to `to` and returns what the server said.
+fn fetch(netns: Option<&Path>, to: SocketAddr) -> std::io::Result<String> {
+    in_netns(netns, move || {
+        let mut conn = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
+        conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut text = String::new();
+        conn.read_to_string(&mut text)?;
+        Ok(text.trim().to_string())
+    })
+}
+
+fn pod_id() -> String {
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .expect("urandom");
+    hex::encode(bytes)
+}
+
+fn tcp(container_port: i32, host_port: u16, host_ip: &str) -> PortMapping {
+    PortMapping {
+        protocol: "TCP".to_string(),
+        container_port,
+        host_port: i32::from(host_port),
+        host_ip: host_ip.to_string(),
+    }
+}
+
+fn request(name: &str, netns: &Path, ports: Vec<PortMapping>) -> PodNetworkRequest {
+    PodNetworkRequest {
+        pod_id: pod_id(),
+        name: name.to_string(),
+        namespace: "test".to_string(),
+        uid: String::new(),
+        netns: netns.to_path_buf(),
+        port_mappings: ports,
+    }
+}
+
+fn ipv4(status: &berth::cni::PodNetworkStatus) -> Ipv4Addr {
+    match status.ips.first() {
+        Some(std::net::IpAddr::V4(ip)) => *ip,
+        other => panic!("no IPv4 address: {other:?}"),
+    }
+}
+
+fn sa(ip: Ipv4Addr, port: u16) -> SocketAddr {
+    SocketAddr::from((ip, port))
+}
+
+#[test]
+fn pods_reach_each_other_the_host_and_their_host_ports() {
+    if !is_root() {
+        return;
+    }
+    let t = TestNetwork::new();
+    let gw = t.net.gateway();
+    let hp = t.names.port_base;
+    let (ns_a, ns_b) = (Netns::new(), Netns::new());
+    let a = request("a", &ns_a.path(), vec![tcp(80, hp, ""), tcp(81, 0, "")]);
+    let b = request("b", &ns_b.path(), vec![]);
+
+    let started = Instant::now();
+    let a_ip = ipv4(&t.net.set_up(&a).expect("set up a"));
+    eprintln!(
+        "set_up with a host port (first pod, makes the bridge): {:?}",
+        started.elapsed()
+    );
+    let started = Instant::now();
+    let b_ip = ipv4(&t.net.set_up(&b).expect("set up b"));
+    eprintln!("set_up without host ports: {:?}", started.elapsed());
+    assert!(t.net.subnet().contains(&a_ip) && t.net.subnet().contains(&b_ip));
+    assert_ne!(a_ip, b_ip);
+    assert!(link_exists(&t.names.bridge));
+    assert!(link_exists(&host_veth_name(&a.pod_id)));
+    assert!(link_exists(&host_veth_name(&b.pod_id)));
+
+    let _server_a = Server::start(Some(&ns_a.path()), sa(Ipv4Addr::UNSPECIFIED, 80), "A");
+    let server_b = Server::start(Some(&ns_b.path()), sa(Ipv4Addr::UNSPECIFIED, 0), "B");
+    let host = Server::start(None, sa(gw, 0), "HOST");
+
+    // Pod to pod by address, both ways; on the bridge nothing is rewritten.
+    assert_eq!(
+        fetch(Some(&ns_b.path()), sa(a_ip, 80)).expect("b->a"),
+        format!("A {b_ip}")
+    );
+    let b_port = server_b.addr.port();
+    assert_eq!(
+        fetch(Some(&ns_a.path()), sa(b_ip, b_port)).expect("a->b"),
+        format!("B {a_ip}")
+    );
+    // Pod to a server on the host's bridge address.
+    assert_eq!(
+        fetch(Some(&ns_b.path()), sa(gw, host.addr.port())).expect("b->host"),
+        format!("HOST {b_ip}")
+    );
+    // The host port from the host: on 127.0.0.1 (answers as the gateway
+    // after masquerade) and on the bridge address.
+    assert_eq!(
+        fetch(None, sa(Ipv4Addr::LOCALHOST, hp)).expect("127.0.0.1 -> a"),
+        format!("A {gw}")
+    );
+    assert_eq!(fetch(None, sa(gw, hp)).expect("gw -> a"), format!("A {gw}"));
+    // Hairpin: a pod through its own host port, and another pod through it.
+    assert_eq!(
+        fetch(Some(&ns_a.path()), sa(gw, hp)).expect("a->a"),
+        format!("A {gw}")
+    );
+    assert_eq!(
+        fetch(Some(&ns_b.path()), sa(gw, hp)).expect("b->a"),
+        format!("A {gw}")
+    );
+    // A mapping with only a container port publishes nothing.
+    assert!(!t.table_text().contains("dport 81 "));
+    let rules = t.table_text();
+    assert!(rules.contains(&a.pod_id), "rules name the pod: {rules}");
+    assert!(rules.contains("test/a"), "rules name the pod: {rules}");
+
+    // Tear-down of a removes its veth, rules and address; b is untouched.
+    let started = Instant::now();
+    t.net.tear_down(&a).expect("tear down a");
+    eprintln!("tear_down with a host port: {:?}", started.elapsed());
+    assert!(!link_exists(&host_veth_name(&a.pod_id)));
+    assert!(!t.table_text().contains(&a.pod_id));
+    assert!(!t.ipam_dir().join(a_ip.to_string()).exists());
+    assert_eq!(t.net.pod_ip(&a.pod_id), None);
+    assert!(
+        fetch(None, sa(Ipv4Addr::LOCALHOST, hp)).is_err(),
+        "host port gone"
+    );
+    t.net.tear_down(&a).expect("a second tear-down is fine");
+    assert_eq!(
+        fetch(Some(&ns_a.path()), sa(b_ip, b_port)).ok(),
+        None,
+        "a has no network"
+    );
+    assert_eq!(
+        fetch(None, sa(b_ip, b_port)).expect("host->b"),
+        format!("B {gw}")
+    );
+
+    let started = Instant::now();
+    t.net.tear_down(&b).expect("tear down b");
+    eprintln!("tear_down without host ports: {:?}", started.elapsed());
+    assert!(
+        t.ipam_dir()
+            .read_dir()
+            .expect("ipam")
+            .flatten()
+            .all(|e| { e.file_name().to_string_lossy().parse::<Ipv4Addr>().is_err() })
+    );
+
+    t.net.remove_all().expect("remove all");
+    assert!(!link_exists(&t.names.bridge));
+    assert!(!link_exists(&host_veth_name(&b.pod_id)));
+    assert!(!t.table_exists());
+}
+
+#[test]
+fn host_ip_restricts_and_a_taken_host_port_is_refused() {
+    if !is_root() {
+        return;
+    }
+    let t = TestNetwork::new();
+    let gw = t.net.gateway();
+    let (hp, hp2) = (t.names.port_base, t.names.port_base + 1);
+    let (ns_c, ns_d) = (Netns::new(), Netns::new());
+    let c = request(
+        "c",
+        &ns_c.path(),
+        vec![tcp(80, hp, &gw.to_string()), tcp(80, hp2, "")],
+    );
+    ipv4(&t.net.set_up(&c).expect("set up c"));
+    let _server = Server::start(Some(&ns_c.path()), sa(Ipv4Addr::UNSPECIFIED, 80), "C");
+
+    assert_eq!(
+        fetch(None, sa(gw, hp)).expect("on its host IP"),
+        format!("C {gw}")
+    );
+    // Nothing of c answers on other addresses for hp (the host may or may
+    // not have a listener of its own there; it is not c).
+    let other = fetch(None, sa(Ipv4Addr::LOCALHOST, hp));
+    assert!(
+        !other.as_deref().unwrap_or("").starts_with('C'),
+        "{other:?}"
+    );
+
+    // The same port, wildcard or on the same address, for another pod: refused
+    // with the port and the holder named, and nothing made for d.
+    for mapping in [
+        tcp(80, hp, ""),
+        tcp(80, hp, &gw.to_string()),
+        tcp(8080, hp2, "127.0.0.1"),
+    ] {
+        let d = request("d", &ns_d.path(), vec![mapping]);
+        let err = t.net.set_up(&d).expect_err("port taken").to_string();
+        assert!(err.contains("/tcp"), "{err}");
+        assert!(err.contains(&c.pod_id) && err.contains("test/c"), "{err}");
+        assert!(!link_exists(&host_veth_name(&d.pod_id)));
+        assert_eq!(t.net.pod_ip(&d.pod_id), None);
+    }
+    // Another address for the same port number is fine.
+    let d = request("d", &ns_d.path(), vec![tcp(80, hp, "127.0.0.1")]);
+    t.net.set_up(&d).expect("same port on another address");
+    let _server_d = Server::start(Some(&ns_d.path()), sa(Ipv4Addr::UNSPECIFIED, 80), "D");
+    assert_eq!(
+        fetch(None, sa(Ipv4Addr::LOCALHOST, hp)).expect("d"),
+        format!("D {gw}")
+    );
+    assert_eq!(fetch(None, sa(gw, hp)).expect("still c"), format!("C {gw}"));
+    let ipam_entries = t.ipam_dir().read_dir().expect("ipam").count();
+    assert!(ipam_entries >= 2);
+}
+
+/// A third namespace wired to the host by the test's own veth pair in
+/// 10.199.<x>.0/30: a client there reaches the host port through the host's
+/// side of that link, and pod egress to it is masqueraded.
+#[test]
+fn an_outside_client_reaches_a_host_port_and_egress_is_masqueraded() {
+    if !is_root() {
+        return;
+    }
+    let t = TestNetwork::new();
+    let hp = t.names.port_base;
+    let outside = Netns::new();
+    let link = OutsideLink::new(&outside, &t.names);
+    let ns_p = Netns::new();
+    let p = request("p", &ns_p.path(), vec![tcp(80, hp, "")]);
+    let p_ip = ipv4(&t.net.set_up(&p).expect("set up p"));
+    let _server = Server::start(Some(&ns_p.path()), sa(Ipv4Addr::UNSPECIFIED, 80), "P");
+
+    // In from outside: DNAT only, the pod sees the client's own address.
+    assert_eq!(
+        fetch(Some(&outside.path()), sa(link.host, hp)).expect("outside -> p"),
+        format!("P {}", link.outside)
+    );
+    // Out from the pod: masqueraded to the host's address on that link.
+    let far = Server::start(Some(&outside.path()), sa(link.outside, 0), "FAR");
+    assert_eq!(
+        fetch(Some(&ns_p.path()), far.addr).expect("p -> outside"),
+        format!("FAR {}", link.host)
+    );
+    assert!(t.table_text().contains(&format!("dnat ip to {p_ip}:80")));
+}
+
+/// The test's own veth pair between the host and `ns`.
+struct OutsideLink {
+    name: String,
+    host: Ipv4Addr,
+    outside: Ipv4Addr,
+}
+
+impl OutsideLink {
+    fn new(ns: &Netns, names: &Names) -> OutsideLink {
+        let name = format!("bto{}", &names.bridge[3..]);
+        let host = Ipv4Addr::new(10, 199, names.link, 1);
+        let outside = Ipv4Addr::new(10, 199, names.link, 2);
+        let pin = ns.path().display().to_string();
+        let guard = OutsideLink {
+            name: name.clone(),
+            host,
+            outside,
+        };
+        run(&[
+            "ip", "link", "add", &name, "type", "veth", "peer", "name", "eth0", "netns", &pin,
+        ]);
+        run(&["ip", "addr", "add", &format!("{host}/30"), "dev", &name]);
+        run(&["ip", "link", "set", &name, "up"]);
+        let inside = format!("--net={pin}");
+        run(&[
+            "nsenter",
+            &inside,
+            "ip",
+            "addr",
+            "add",
+            &format!("{outside}/30"),
+            "dev",
+            "eth0",
+        ]);
+        run(&["nsenter", &inside, "ip", "link", "set", "eth0", "up"]);
+        guard
+    }
+}
+
+impl Drop for OutsideLink {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.name])
+            .status();
+    }
+}
+
+/// Deletes a link of the test's own on drop, if it is still there.
+struct DeleteLink(String);
+
+impl Drop for DeleteLink {
+    fn drop(&mut self) {
+        if link_exists(&self.0) {
+            let _ = Command::new("ip").args(["link", "del", &self.0]).status();
+        }
+    }
+}
+
+fn run(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("run command");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn reconcile_keeps_live_pods_and_clears_the_rest() {
+    if !is_root() {
+        return;
+    }
+    let t = TestNetwork::new();
+    let gw = t.net.gateway();
+    let hp = t.names.port_base;
+    let (ns_l, ns_s) = (Netns::new(), Netns::new());
+    let live = request("live", &ns_l.path(), vec![tcp(80, hp, "")]);
+    let stale = request("stale", &ns_s.path(), vec![tcp(80, hp + 1, "")]);
+    let live_ip = ipv4(&t.net.set_up(&live).expect("set up live"));
+    let stale_ip = ipv4(&t.net.set_up(&stale).expect("set up stale"));
+    let _server = Server::start(Some(&ns_l.path()), sa(Ipv4Addr::UNSPECIFIED, 80), "L");
+
+    // A restart after the table was lost and an orphan address claim was left.
+    run(&["nft", "delete", "table", "inet", &t.names.table]);
+    let orphan = Ipv4Addr::from(u32::from(stale_ip) + 50);
+    std::fs::write(t.ipam_dir().join(orphan.to_string()), "ghost\n").expect("orphan");
+    // And a veth named like berth's on the bridge that no pod owns.
+    let stray = host_veth_name(&pod_id());
+    let stray_peer = format!("btp{}", &t.names.bridge[3..]);
+    let _stray_guard = DeleteLink(stray.clone());
+    run(&[
+        "ip",
+        "link",
+        "add",
+        &stray,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &stray_peer,
+    ]);
+    run(&["ip", "link", "set", &stray, "master", &t.names.bridge]);
+    let restarted = t.reopen();
+    restarted
+        .reconcile(std::slice::from_ref(&live))
+        .expect("reconcile");
+
+    assert_eq!(restarted.pod_ip(&live.pod_id), Some(live_ip));
+    assert_eq!(restarted.pod_ip(&stale.pod_id), None);
+    assert!(!link_exists(&host_veth_name(&stale.pod_id)));
+    assert!(link_exists(&host_veth_name(&live.pod_id)));
+    assert!(!link_exists(&stray) && !link_exists(&stray_peer));
+    assert!(!t.ipam_dir().join(stale_ip.to_string()).exists());
+    assert!(!t.ipam_dir().join(orphan.to_string()).exists());
+    let rules = t.table_text();
+    assert!(rules.contains(&live.pod_id), "live rules re-added: {rules}");
+    assert!(!rules.contains(&stale.pod_id), "stale rules gone: {rules}");
+    assert_eq!(
+        fetch(None, sa(gw, hp)).expect("live host port"),
+        format!("L {gw}")
+    );
+
+    // No pod left: nothing of the network stays.
+    restarted.reconcile(&[]).expect("reconcile to nothing");
+    assert!(!link_exists(&t.names.bridge));
+    assert!(!link_exists(&host_veth_name(&live.pod_id)));
+    assert!(!t.table_exists());
+}
+
+#[test]
+fn a_failed_set_up_leaves_nothing_and_tear_down_needs_no_namespace() {
+    if !is_root() {
+        return;
+    }
+    let t = TestNetwork::new();
+    let missing = request(
+        "m",
+        Path::new("/nonexistent/netns"),
+        vec![tcp(80, t.names.port_base, "")],
+    );
+    let err = t
+        .net
+        .set_up(&missing)
+        .expect_err("no namespace")
+        .to_string();
+    assert!(err.contains("/nonexistent/netns"), "{err}");
+    assert_eq!(t.net.pod_ip(&missing.pod_id), None);
+    assert!(!link_exists(&host_veth_name(&missing.pod_id)));
+    assert!(!t.table_text().contains(&missing.pod_id));
+
+    // A pod whose namespace went away first still tears down cleanly.
+    let ns = Netns::new();
+    let pod = request("gone", &ns.path(), vec![]);
+    let ip = ipv4(&t.net.set_up(&pod).expect("set up"));
+    drop(ns);
+    t.net
+        .tear_down(&pod)
+        .expect("tear down without the namespace");
+    assert!(!link_exists(&host_veth_name(&pod.pod_id)));
+    assert!(!t.ipam_dir().join(ip.to_string()).exists());
+    // Set up twice keeps the address and works.
+    let ns = Netns::new();
+    let pod = request("twice", &ns.path(), vec![]);
+    let first = ipv4(&t.net.set_up(&pod).expect("first"));
+    let second = ipv4(&t.net.set_up(&pod).expect("second"));
+    assert_eq!(first, second);
+    let _server = Server::start(Some(&ns.path()), sa(Ipv4Addr::UNSPECIFIED, 0), "T");
+    let port = _server.addr.port();
+    assert_eq!(
+        fetch(None, sa(first, port)).expect("host->pod"),
+        format!("T {}", t.net.gateway())
+    );
+}
+
+/// Answers each UDP datagram with `<marker> <peer address>`, for a while.
+fn udp_echo(netns: &Path, port: u16, marker: &'static str) -> JoinHandle<()> {
+    let socket = in_netns(Some(netns), move || {
+        std::net::UdpSocket::bind(sa(Ipv4Addr::UNSPECIFIED, port))
+    })
+    .expect("bind udp");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        if let Ok((_, peer)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(format!("{marker} {}", peer.ip()).as_bytes(), peer);
+        }
+    })
+}
+
+#[test]
+fn udp_host_ports_work_and_pods_cannot_reach_the_hosts_localhost() {
+    if !is_root() {
+        return;
+    }
+    let t = TestNetwork::new();
+    let gw = t.net.gateway();
+    let hp = t.names.port_base;
+    let ns = Netns::new();
+    let mut udp = tcp(5353, hp, "");
+    udp.protocol = "UDP".to_string();
+    let pod = request("u", &ns.path(), vec![udp]);
+    t.net.set_up(&pod).expect("set up");
+
+    let echo = udp_echo(&ns.path(), 5353, "U");
+    let client = std::net::UdpSocket::bind(sa(Ipv4Addr::LOCALHOST, 0)).expect("client");
+    client
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    client
+        .send_to(b"ping", sa(Ipv4Addr::LOCALHOST, hp))
+        .expect("send");
+    let mut buf = [0u8; 64];
+    let (n, from) = client.recv_from(&mut buf).expect("udp answer");
+    assert_eq!(String::from_utf8_lossy(&buf[..n]), format!("U {gw}"));
+    assert_eq!(from, sa(Ipv4Addr::LOCALHOST, hp));
+    echo.join().expect("echo");
+
+    // route_localnet=1 on the bridge must not open the host's localhost to
+    // pods (CVE-2020-8558): a pod routing 127.0.0.2 to the gateway reaches
+    // the host with its packets but gets no connection.
+    let host_local = Server::start(None, sa(Ipv4Addr::new(127, 0, 0, 2), 0), "LOCAL");
+    let host_gw = Server::start(None, sa(gw, 0), "GW");
+    let pin = ns.path().display().to_string();
+    let inside = format!("--net={pin}");
+    run(&[
+        "nsenter",
+        &inside,
+        "sysctl",
+        "-qw",
+        "net.ipv4.conf.eth0.route_localnet=1",
+    ]);
+    run(&[
+        "nsenter",
+        &inside,
+        "ip",
+        "route",
+        "add",
+        "127.0.0.2/32",
+        "via",
+        &gw.to_string(),
+        "dev",
+        "eth0",
+        "table",
+        "local",
+    ]);
+    let rx = Path::new("/sys/class/net")
+        .join(host_veth_name(&pod.pod_id))
+        .join("statistics/rx_packets");
+    let before: u64 = std::fs::read_to_string(&rx)
+        .expect("rx")
+        .trim()
+        .parse()
+        .expect("n");
+    let attempt = fetch(Some(&ns.path()), host_local.addr);
+    let after: u64 = std::fs::read_to_string(&rx)
+        .expect("rx")
+        .trim()
+        .parse()
+        .expect("n");
+    assert!(
+        attempt.is_err(),
+        "a pod reached the host's 127.0.0.2: {attempt:?}"
+    );
+    assert!(after > before, "the pod's packets did reach the host");
+    assert_eq!(
+        fetch(Some(&ns.path()), host_gw.addr).expect("the host on the gateway"),
+        format!("GW {}", t.net.pod_ip(&pod.pod_id).expect("ip"))
+    );
+}
