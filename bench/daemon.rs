@@ -116,6 +116,7 @@ impl Daemon {
         let (mut command, socket, names) = match runtime {
             Runtime::Berth => {
                 let names = InstanceNames {
+                    subnet: BERTH_SUBNET.to_string(),
                     bridge: format!("bb{tag}"),
                     nft_table: format!("berth_bench_{}", tag.replace('-', "_")),
                     cgroup_parent: format!("berth-bench-{tag}"),

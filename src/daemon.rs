@@ -16,8 +16,10 @@ use tokio::net::UnixListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_stream::wrappers::UnixListenerStream;
 
-use crate::cni::{LoopbackOnly, PodNetwork};
+use crate::cni::bridge::BridgeNetwork;
+use crate::cni::{NetworkError, PodNetwork};
 use crate::config::Config;
+use crate::config::NetworkMode;
 use crate::cri::CriService;
 use crate::image::{ImageError, ImageStore};
 use crate::runtime::cgroup::{CgroupError, Cgroups};
@@ -53,6 +55,8 @@ pub enum DaemonError {
     Runtime(RuntimeError),
     #[error("cannot open the image store: {0}")]
     Images(ImageError),
+    #[error("cannot set up the pod network: {0}")]
+    Network(NetworkError),
     #[error("cannot install signal handler: {0}")]
     Signal(std::io::Error),
     #[error("gRPC server failed: {0}")]
@@ -139,6 +143,19 @@ fn bind_socket(path: &Path) -> Result<UnixListener, DaemonError> {
     Ok(listener)
 }
 
+/// The pod network of the config's mode. CNI plugins are not supported yet,
+/// so `cni` mode is refused and `auto` uses the built-in bridge.
+fn pod_network(config: &Config) -> Result<Arc<dyn PodNetwork>, DaemonError> {
+    if config.network.mode == NetworkMode::Cni {
+        return Err(DaemonError::Network(NetworkError::Config(
+            "network.mode cni: CNI plugins are not supported yet; use auto or builtin".to_string(),
+        )));
+    }
+    let bridge = BridgeNetwork::new(&config.network, &config.state_dir.join("network"))
+        .map_err(DaemonError::Network)?;
+    Ok(Arc::new(bridge))
+}
+
 /// Runs berthd until a termination signal, then shuts down cleanly.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
     let config = Arc::new(config);
@@ -159,9 +176,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             }
         });
     }
-    let network: Arc<dyn PodNetwork> = Arc::new(LoopbackOnly);
+    let network = pod_network(&config)?;
     let runtime = Runtime::open(config.clone(), cgroups.clone(), images.clone(), network)
         .map_err(DaemonError::Runtime)?;
+    let runtime_for_shutdown = runtime.clone();
     let service = CriService::new(config.clone(), cgroup_version, images, runtime);
 
     let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
@@ -216,6 +234,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         }
     };
     let _ = fs::remove_file(&config.socket);
+    runtime_for_shutdown.shut_down();
     // The parent of pod cgroups goes when no pod is left in it.
     cgroups.remove_if_empty(&config.cgroup.parent);
     tracing::info!("berthd stopped");

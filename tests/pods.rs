@@ -176,7 +176,7 @@ async fn pod_lifecycle_names_namespaces_and_idempotence() {
         .expect("namespace options echoed");
     assert_eq!(options.network, NamespaceMode::Pod as i32);
 
-    // The pinned network namespace is a new one with loopback up.
+    // The pinned network namespace is a new one with loopback up and eth0 on the bridge.
     let pin = node.berthd.state_dir.join("ns").join(&id).join("net");
     let out = std::process::Command::new("nsenter")
         .arg(format!("--net={}", pin.display()))
@@ -185,8 +185,25 @@ async fn pod_lifecycle_names_namespaces_and_idempotence() {
         .expect("nsenter");
     let links = String::from_utf8_lossy(&out.stdout);
     assert!(
-        links.contains("lo:") && links.contains("UP") && links.lines().count() == 1,
+        links.contains("lo:") && links.contains("eth0@") && links.lines().count() == 2,
         "{links}"
+    );
+    let ip = status
+        .network
+        .as_ref()
+        .map(|n| n.ip.clone())
+        .unwrap_or_default();
+    let prefix = node
+        .berthd
+        .names
+        .subnet
+        .rsplit_once(".0/")
+        .map(|(p, _)| p)
+        .expect("subnet");
+    assert!(
+        ip.starts_with(prefix),
+        "pod IP {ip} in {}",
+        node.berthd.names.subnet
     );
 
     let err = rt

@@ -642,6 +642,14 @@ impl BridgeNetwork {
 }
 
 impl PodNetwork for BridgeNetwork {
+    fn reconcile(&self, live: &[PodNetworkRequest]) -> Result<(), NetworkError> {
+        BridgeNetwork::reconcile(self, live)
+    }
+
+    fn remove_all(&self) -> Result<(), NetworkError> {
+        BridgeNetwork::remove_all(self)
+    }
+
     fn readiness(&self) -> NetworkReadiness {
         if !nft::Nftables::available() {
             return NetworkReadiness::NotReady {

@@ -78,6 +78,10 @@ pub trait PodNetwork: Send + Sync {
     fn tear_down(&self, pod: &PodNetworkRequest) -> Result<(), NetworkError>;
     /// Verbose status info: which network is in use, as JSON.
     fn describe(&self) -> serde_json::Value;
+    /// After a restart: keeps what `live` pods use, removes every other pod's leftovers.
+    fn reconcile(&self, live: &[PodNetworkRequest]) -> Result<(), NetworkError>;
+    /// Removes the node-wide objects (bridge, table) once no pod is left.
+    fn remove_all(&self) -> Result<(), NetworkError>;
 }
 
 /// Pods get loopback only (it is brought up with the namespace), and the
@@ -103,5 +107,13 @@ impl PodNetwork for LoopbackOnly {
 
     fn describe(&self) -> serde_json::Value {
         serde_json::json!({"type": "loopback-only"})
+    }
+
+    fn reconcile(&self, _live: &[PodNetworkRequest]) -> Result<(), NetworkError> {
+        Ok(())
+    }
+
+    fn remove_all(&self) -> Result<(), NetworkError> {
+        Ok(())
     }
 }

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use k8s_cri::v1 as cri;
 use tonic::Status;
 
+use crate::cni::NetworkError;
 use crate::runtime::container::{self, ContainerConfig, ContainerState, Propagation};
 use crate::runtime::pod::{
     DnsConfig, NamespaceMode, NamespaceOptions, PodConfig, PodRecord, PodState, PortMapping,
@@ -21,6 +22,15 @@ pub fn runtime_status(e: RuntimeError) -> Status {
         RuntimeError::AlreadyExists(_) => Status::already_exists(message),
         RuntimeError::FailedPrecondition(_) => Status::failed_precondition(message),
         RuntimeError::DeadlineExceeded(_) => Status::deadline_exceeded(message),
+        RuntimeError::Network(NetworkError::HostPortTaken { .. }) => {
+            Status::already_exists(message)
+        }
+        RuntimeError::Network(NetworkError::InvalidPortMapping(_)) => {
+            Status::invalid_argument(message)
+        }
+        RuntimeError::Network(NetworkError::AddressesExhausted { .. }) => {
+            Status::resource_exhausted(message)
+        }
         _ => Status::internal(message),
     }
 }

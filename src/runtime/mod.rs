@@ -254,6 +254,16 @@ impl Runtime {
             cpu: stats::CpuSampler::default(),
         });
         runtime.recover()?;
+        let live: Vec<PodNetworkRequest> = runtime
+            .tables()
+            .pods
+            .values()
+            .filter(|p| {
+                p.state == PodState::Ready && p.config.namespaces.network != NamespaceMode::Node
+            })
+            .map(|p| runtime.network_request(p))
+            .collect();
+        runtime.network.reconcile(&live)?;
         Ok(runtime)
     }
 
@@ -277,6 +287,15 @@ impl Runtime {
 
     pub fn readiness(&self) -> RuntimeReadiness {
         RuntimeReadiness::Ready
+    }
+
+    /// A clean shutdown: with no pod left, the node-wide network objects go too.
+    pub fn shut_down(&self) {
+        if self.tables().pods.is_empty()
+            && let Err(e) = self.network.remove_all()
+        {
+            tracing::warn!(error = %e, "cannot remove the pod network");
+        }
     }
 
     pub fn network(&self) -> &dyn PodNetwork {
@@ -789,7 +808,12 @@ impl Runtime {
         store::write_json(&paths.bundle.join("config.json"), &spec, Durability::Crash)?;
         let monitor_config = monitor::MonitorConfig {
             id: id.to_string(),
-            log_path: PathBuf::from(&log_path),
+            // Without a log directory the output has nowhere to go: discard it.
+            log_path: if log_path.is_empty() {
+                PathBuf::from("/dev/null")
+            } else {
+                PathBuf::from(&log_path)
+            },
             stdin: config.stdin,
             stdin_once: config.stdin_once,
             tty: config.tty,

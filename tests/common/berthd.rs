@@ -22,6 +22,8 @@ pub const BERTHD: &str = env!("CARGO_BIN_EXE_berthd");
 #[derive(Debug, Clone)]
 pub struct InstanceNames {
     pub bridge: String,
+    /// A /24 of the instance's own, so parallel bridges never share routes.
+    pub subnet: String,
     pub nft_table: String,
     pub cgroup_parent: String,
 }
@@ -33,6 +35,7 @@ impl InstanceNames {
         // Interface names are at most 15 bytes: "bt" + pid + "-" + n fits.
         let tag = format!("{}-{n}", std::process::id() % 1_000_000);
         InstanceNames {
+            subnet: format!("10.{}.{}.0/24", 100 + std::process::id() % 50, n % 256),
             bridge: format!("bt{tag}"),
             nft_table: format!("berth_test_{}", tag.replace('-', "_")),
             cgroup_parent: format!("berth-test-{tag}"),
@@ -74,7 +77,7 @@ impl Berthd {
         let config_path = dir.path().join("config.yaml");
         let config = format!(
             "root: {root}\nstate_dir: {state}\nsocket: {socket}\nlog_level: berth=debug,info\n\
-             cgroup:\n  parent: {cg}\nnetwork:\n  bridge: {br}\n  nft_table: {nft}\n  \
+             cgroup:\n  parent: {cg}\nnetwork:\n  bridge: {br}\n  subnet: {subnet}\n  nft_table: {nft}\n  \
              cni_conf_dir: {cni}\n{extra}",
             root = root.display(),
             state = state_dir.display(),
@@ -82,6 +85,7 @@ impl Berthd {
             cg = names.cgroup_parent,
             br = names.bridge,
             nft = names.nft_table,
+            subnet = names.subnet,
             cni = dir.path().join("cni").display(),
             extra = options.extra_config,
         );
