@@ -183,7 +183,12 @@ impl Drop for Berthd {
             wait_bounded(&mut child, Duration::from_secs(30));
         }
         let leaks = self.leaks();
-        if !leaks.is_empty() && !std::thread::panicking() {
+        if leaks.is_empty() {
+            return;
+        }
+        // Whatever the verdict, the next test gets a clean host.
+        force_clean(&self.root, &self.state_dir, &self.names);
+        if !std::thread::panicking() {
             panic!("berthd left objects on the host:\n  {}", leaks.join("\n  "));
         }
     }
@@ -260,4 +265,73 @@ pub fn leaks_of(root: &Path, state_dir: &Path, names: &InstanceNames) -> Vec<Str
         }
     }
     leaks
+}
+
+/// Removes what a failed test's berthd left: kills the processes in its
+/// cgroups (containers, pod infra) and its monitors (found by their bundle
+/// under `state_dir`), unmounts its mounts, deletes its bridge, veths,
+/// nftables table and cgroups.
+pub fn force_clean(root: &Path, state_dir: &Path, names: &InstanceNames) {
+    let state = state_dir.display().to_string();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(" monitor ") && cmdline.contains(&state) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+    let mut cgroups: Vec<PathBuf> = Vec::new();
+    for controller in std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let top = controller.path().join(&names.cgroup_parent);
+        let mut stack = vec![top];
+        while let Some(dir) = stack.pop() {
+            if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+                for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+            }
+            for child in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if child.path().is_dir() {
+                    stack.push(child.path());
+                }
+            }
+            cgroups.push(dir);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<&str> = mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| Path::new(p).starts_with(root) || Path::new(p).starts_with(state_dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for point in points {
+        let _ = nix::mount::umount2(point, nix::mount::MntFlags::MNT_DETACH);
+    }
+    // Deepest cgroups first: a parent goes only once it is empty.
+    cgroups.sort_by_key(|c| std::cmp::Reverse(c.components().count()));
+    for dir in cgroups {
+        let _ = std::fs::remove_dir(dir);
+    }
+    let _ = Command::new("nft")
+        .args(["delete", "table", "inet", &names.nft_table])
+        .output();
+    if let Ok(links) = std::fs::read_dir(format!("/sys/class/net/{}/brif", names.bridge)) {
+        for link in links.flatten() {
+            let _ = Command::new("ip")
+                .args(["link", "del", &link.file_name().to_string_lossy()])
+                .output();
+        }
+    }
+    let _ = Command::new("ip")
+        .args(["link", "del", &names.bridge])
+        .output();
 }
