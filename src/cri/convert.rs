@@ -7,7 +7,9 @@ use k8s_cri::v1 as cri;
 use tonic::Status;
 
 use crate::cni::NetworkError;
-use crate::runtime::container::{self, ContainerConfig, ContainerState, Propagation};
+use crate::runtime::container::{
+    self, ContainerConfig, ContainerState, Device, GroupsPolicy, Propagation, SeccompChoice,
+};
 use crate::runtime::pod::{
     DnsConfig, NamespaceMode, NamespaceOptions, PodConfig, PodRecord, PodState, PortMapping,
 };
@@ -73,10 +75,8 @@ pub fn pod_config(
         return Err(Status::invalid_argument("pod sandbox metadata has no name"));
     }
     let linux = config.linux.unwrap_or_default();
-    let ns = linux
-        .security_context
-        .and_then(|s| s.namespace_options)
-        .unwrap_or_default();
+    let pod_security = linux.security_context.unwrap_or_default();
+    let ns = pod_security.namespace_options.clone().unwrap_or_default();
     Ok(PodConfig {
         name: metadata.name,
         namespace: metadata.namespace,
@@ -112,6 +112,7 @@ pub fn pod_config(
             target_id: ns.target_id,
         },
         runtime_handler,
+        privileged: pod_security.privileged,
     })
 }
 
@@ -206,6 +207,8 @@ fn id_value(v: Option<&cri::Int64Value>, what: &str) -> Result<Option<u32>, Stat
 }
 
 /// The container's config; `pod` supplies namespace modes the container leaves out.
+// Older kubelets still send the deprecated seccomp and AppArmor path fields.
+#[allow(deprecated)]
 pub fn container_config(
     config: Option<cri::ContainerConfig>,
     pod: Option<&cri::PodSandboxConfig>,
@@ -235,6 +238,11 @@ pub fn container_config(
                 .and_then(|s| s.namespace_options.clone())
         })
         .unwrap_or_default();
+    check_lsm(
+        security.apparmor.as_ref(),
+        &security.apparmor_profile,
+        security.selinux_options.as_ref(),
+    )?;
     if security.run_as_group.is_some()
         && security.run_as_user.is_none()
         && security.run_as_username.is_empty()
@@ -295,6 +303,40 @@ pub fn container_config(
         resources: resources(config_resources),
         pid_mode: namespace_mode(container_ns.pid),
         pid_target: container_ns.target_id,
+        add_capabilities: security
+            .capabilities
+            .as_ref()
+            .map(|c| c.add_capabilities.clone())
+            .unwrap_or_default(),
+        drop_capabilities: security
+            .capabilities
+            .as_ref()
+            .map(|c| c.drop_capabilities.clone())
+            .unwrap_or_default(),
+        add_ambient_capabilities: security
+            .capabilities
+            .as_ref()
+            .map(|c| c.add_ambient_capabilities.clone())
+            .unwrap_or_default(),
+        no_new_privs: security.no_new_privs,
+        masked_paths: security.masked_paths.clone(),
+        readonly_paths: security.readonly_paths.clone(),
+        seccomp: seccomp(security.seccomp.as_ref(), &security.seccomp_profile_path)?,
+        groups_policy: match cri::SupplementalGroupsPolicy::try_from(
+            security.supplemental_groups_policy,
+        ) {
+            Ok(cri::SupplementalGroupsPolicy::Strict) => GroupsPolicy::Strict,
+            _ => GroupsPolicy::Merge,
+        },
+        devices: config
+            .devices
+            .into_iter()
+            .map(|d| Device {
+                container_path: d.container_path,
+                host_path: d.host_path,
+                permissions: d.permissions,
+            })
+            .collect(),
     })
 }
 
@@ -432,4 +474,65 @@ fn cri_resources(r: &Resources) -> cri::ContainerResources {
         }),
         windows: None,
     }
+}
+
+/// The seccomp profile asked for, by the field or by the deprecated path.
+fn seccomp(profile: Option<&cri::SecurityProfile>, path: &str) -> Result<SeccompChoice, Status> {
+    use cri::security_profile::ProfileType;
+    if let Some(p) = profile {
+        return match ProfileType::try_from(p.profile_type) {
+            Ok(ProfileType::RuntimeDefault) => Ok(SeccompChoice::RuntimeDefault),
+            Ok(ProfileType::Unconfined) => Ok(SeccompChoice::Unconfined),
+            Ok(ProfileType::Localhost) if !p.localhost_ref.is_empty() => {
+                Ok(SeccompChoice::Localhost(p.localhost_ref.clone()))
+            }
+            Ok(ProfileType::Localhost) => Err(Status::invalid_argument(
+                "seccomp profile type Localhost needs a localhost_ref",
+            )),
+            Err(_) => Err(Status::invalid_argument(format!(
+                "unknown seccomp profile type {}",
+                p.profile_type
+            ))),
+        };
+    }
+    match path {
+        "" | "unconfined" => Ok(SeccompChoice::Unconfined),
+        "runtime/default" | "docker/default" => Ok(SeccompChoice::RuntimeDefault),
+        other => match other.strip_prefix("localhost/") {
+            Some(file) => Ok(SeccompChoice::Localhost(file.to_string())),
+            None => Err(Status::invalid_argument(format!(
+                "unknown seccomp profile path {other:?}"
+            ))),
+        },
+    }
+}
+
+/// AppArmor and SELinux: this host has neither, so a request that needs one
+/// is refused; unconfined, runtime default and empty ones are accepted.
+fn check_lsm(
+    apparmor: Option<&cri::SecurityProfile>,
+    apparmor_profile: &str,
+    selinux: Option<&cri::SeLinuxOption>,
+) -> Result<(), Status> {
+    use cri::security_profile::ProfileType;
+    let apparmor_host = std::path::Path::new("/sys/kernel/security/apparmor").exists();
+    let wants_apparmor = match apparmor {
+        Some(p) => ProfileType::try_from(p.profile_type) == Ok(ProfileType::Localhost),
+        None => apparmor_profile.starts_with("localhost/"),
+    };
+    if wants_apparmor && !apparmor_host {
+        return Err(Status::invalid_argument(
+            "an AppArmor profile was requested, but AppArmor is not enabled on this host",
+        ));
+    }
+    let selinux_host = std::path::Path::new("/sys/fs/selinux/enforce").exists();
+    let wants_selinux = selinux.is_some_and(|o| {
+        !(o.user.is_empty() && o.role.is_empty() && o.r#type.is_empty() && o.level.is_empty())
+    });
+    if wants_selinux && !selinux_host {
+        return Err(Status::invalid_argument(
+            "SELinux options were requested, but SELinux is not enabled on this host",
+        ));
+    }
+    Ok(())
 }

@@ -566,7 +566,7 @@ impl CriService {
             info,
             runtime_handlers,
             features: Some(RuntimeFeatures {
-                supplemental_groups_policy: false,
+                supplemental_groups_policy: true,
             }),
         })
     }

@@ -26,6 +26,38 @@ pub struct Mount {
     pub propagation: Propagation,
 }
 
+/// A seccomp profile choice.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SeccompChoice {
+    /// No filter (also what an empty request means, as in Kubernetes).
+    #[default]
+    Unconfined,
+    RuntimeDefault,
+    /// A profile file in the OCI seccomp JSON format.
+    Localhost(String),
+}
+
+/// How supplemental groups are computed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupsPolicy {
+    /// The image's groups for the user plus the requested ones.
+    #[default]
+    Merge,
+    /// Only the requested groups and the primary group.
+    Strict,
+}
+
+/// A host device given to the container.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Device {
+    pub container_path: String,
+    pub host_path: String,
+    /// Of "r", "w", "m".
+    pub permissions: String,
+}
+
 /// What a container asks for: the front end's request in berth's own terms.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerConfig {
@@ -58,6 +90,16 @@ pub struct ContainerConfig {
     pub pid_mode: super::pod::NamespaceMode,
     /// The container whose PID namespace a TARGET mode joins.
     pub pid_target: String,
+    pub add_capabilities: Vec<String>,
+    pub drop_capabilities: Vec<String>,
+    pub add_ambient_capabilities: Vec<String>,
+    pub no_new_privs: bool,
+    /// Empty means berth's defaults.
+    pub masked_paths: Vec<String>,
+    pub readonly_paths: Vec<String>,
+    pub seccomp: SeccompChoice,
+    pub groups_policy: GroupsPolicy,
+    pub devices: Vec<Device>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -5,6 +5,7 @@
 
 pub mod cgroup;
 pub mod container;
+pub mod devices;
 pub mod handler;
 mod infra;
 pub mod namespace;
@@ -720,6 +721,7 @@ impl Runtime {
                 run_as_group: config.run_as_group,
                 supplemental_groups: config.supplemental_groups.clone(),
                 image_user: image.config.user.clone(),
+                strict_groups: config.groups_policy == container::GroupsPolicy::Strict,
             },
             &user::read_in_root(&rootfs, "/etc/passwd"),
             &user::read_in_root(&rootfs, "/etc/group"),
@@ -754,9 +756,20 @@ impl Runtime {
         } else {
             "/".to_string()
         };
+        if config.privileged && !pod.config.privileged {
+            return Err(RuntimeError::InvalidArgument(
+                "a privileged container needs a privileged pod sandbox".to_string(),
+            ));
+        }
+        let device_nodes = if config.privileged {
+            devices::host_devices()
+        } else {
+            devices::requested(&config.devices)?
+        };
         let cgroup = format!("{}/{id}", pod.cgroup);
         self.cgroups.create(&cgroup)?;
         resources::apply(&self.cgroups, &cgroup, &config.resources)?;
+        devices::restrict(&self.cgroups, &cgroup, config.privileged, &device_nodes)?;
         let log_path = if pod.config.log_directory.is_empty() || config.log_path.is_empty() {
             String::new()
         } else {
@@ -804,6 +817,7 @@ impl Runtime {
             groups: user.groups.clone(),
             cgroup: &cgroup,
             pid_namespace,
+            devices: device_nodes.iter().map(|d| d.spec()).collect(),
         });
         store::write_json(&paths.bundle.join("config.json"), &spec, Durability::Crash)?;
         let monitor_config = monitor::MonitorConfig {

@@ -62,6 +62,8 @@ pub struct PodConfig {
     pub sysctls: BTreeMap<String, String>,
     pub namespaces: NamespaceOptions,
     pub runtime_handler: String,
+    /// Privileged containers are allowed only in a privileged pod.
+    pub privileged: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -26,6 +26,96 @@ pub const DEFAULT_CAPABILITIES: [&str; 14] = [
     "CAP_AUDIT_WRITE",
 ];
 
+/// Every capability the kernel knows; a privileged container gets those
+/// berthd holds (the init drops what the bounding set lacks).
+pub const ALL_CAPABILITIES: [&str; 41] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+];
+
+/// `NET_ADMIN`, `cap_net_admin` and `CAP_NET_ADMIN` all name one capability.
+fn cap_name(name: &str) -> String {
+    let upper = name.to_ascii_uppercase();
+    if upper.starts_with("CAP_") {
+        upper
+    } else {
+        format!("CAP_{upper}")
+    }
+}
+
+/// The capability set, as containerd computes it: ALL in add or drop first,
+/// then single additions, then single drops.
+pub fn capabilities(c: &ContainerConfig) -> Vec<String> {
+    let all = || {
+        ALL_CAPABILITIES
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>()
+    };
+    let mut caps: Vec<String> = if c.privileged {
+        all()
+    } else {
+        DEFAULT_CAPABILITIES.iter().map(|s| s.to_string()).collect()
+    };
+    let is_all = |n: &String| n.eq_ignore_ascii_case("ALL");
+    if c.add_capabilities.iter().any(is_all) {
+        caps = all();
+    }
+    if c.drop_capabilities.iter().any(is_all) {
+        caps.clear();
+    }
+    for add in c.add_capabilities.iter().filter(|n| !is_all(n)) {
+        let name = cap_name(add);
+        if !caps.contains(&name) {
+            caps.push(name);
+        }
+    }
+    for drop in c.drop_capabilities.iter().filter(|n| !is_all(n)) {
+        let name = cap_name(drop);
+        caps.retain(|c| c != &name);
+    }
+    caps
+}
+
 pub const MASKED_PATHS: [&str; 11] = [
     "/proc/acpi",
     "/proc/asound",
@@ -63,6 +153,21 @@ pub struct SpecInput<'a> {
     pub cgroup: &'a str,
     /// A PID namespace to join (the pod's or a target container's).
     pub pid_namespace: Option<std::path::PathBuf>,
+    /// Device nodes to create: the requested ones, or every host device when privileged.
+    pub devices: Vec<Value>,
+}
+
+/// `/` must propagate as the container's mounts ask: shared for a
+/// bidirectional one, at least slave for host-to-container ones.
+fn rootfs_propagation(c: &ContainerConfig) -> &'static str {
+    if c.mounts
+        .iter()
+        .any(|m| m.propagation == Propagation::Bidirectional)
+    {
+        "rshared"
+    } else {
+        "rslave"
+    }
 }
 
 fn bind(destination: &str, source: &str, options: &[&str]) -> Value {
@@ -78,7 +183,8 @@ pub fn build(input: &SpecInput) -> Value {
         json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
         json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]}),
         json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]}),
-        json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}),
+        json!({"destination": "/sys", "type": "sysfs", "source": "sysfs",
+            "options": ["nosuid", "noexec", "nodev", if c.privileged { "rw" } else { "ro" }]}),
     ];
     let shm = if pod.namespaces.ipc == NamespaceMode::Node {
         "/dev/shm".to_string()
@@ -128,7 +234,28 @@ pub fn build(input: &SpecInput) -> Value {
         (None, _) => namespaces.push(json!({"type": "pid"})),
     }
 
-    let caps: Vec<&str> = DEFAULT_CAPABILITIES.to_vec();
+    let caps = capabilities(c);
+    let ambient: Vec<String> = c
+        .add_ambient_capabilities
+        .iter()
+        .map(|n| cap_name(n))
+        .collect();
+    let mut permitted = caps.clone();
+    for a in &ambient {
+        if !permitted.contains(a) {
+            permitted.push(a.clone());
+        }
+    }
+    let masked: Vec<String> = match (c.privileged, c.masked_paths.is_empty()) {
+        (true, _) => vec![],
+        (false, true) => MASKED_PATHS.iter().map(|s| s.to_string()).collect(),
+        (false, false) => c.masked_paths.clone(),
+    };
+    let readonly: Vec<String> = match (c.privileged, c.readonly_paths.is_empty()) {
+        (true, _) => vec![],
+        (false, true) => READONLY_PATHS.iter().map(|s| s.to_string()).collect(),
+        (false, false) => c.readonly_paths.clone(),
+    };
     let hostname = if pod.hostname.is_empty() {
         nix::unistd::gethostname()
             .map(|h| h.to_string_lossy().into_owned())
@@ -145,9 +272,10 @@ pub fn build(input: &SpecInput) -> Value {
             "env": input.env,
             "cwd": input.cwd,
             "capabilities": {
-                "bounding": caps, "effective": caps, "permitted": caps,
+                "bounding": permitted, "effective": permitted, "permitted": permitted,
+                "inheritable": ambient, "ambient": ambient,
             },
-            "noNewPrivileges": false,
+            "noNewPrivileges": c.no_new_privs,
             "oomScoreAdj": c.resources.oom_score_adj,
         },
         "root": {"path": input.rootfs, "readonly": c.readonly_rootfs},
@@ -156,9 +284,10 @@ pub fn build(input: &SpecInput) -> Value {
         "linux": {
             "namespaces": namespaces,
             "cgroupsPath": format!("/{}", input.cgroup),
-            "maskedPaths": if c.privileged { vec![] } else { MASKED_PATHS.to_vec() },
-            "readonlyPaths": if c.privileged { vec![] } else { READONLY_PATHS.to_vec() },
-            "rootfsPropagation": "rslave",
+            "maskedPaths": masked,
+            "readonlyPaths": readonly,
+            "devices": input.devices,
+            "rootfsPropagation": rootfs_propagation(c),
         },
         "annotations": c.annotations,
     })

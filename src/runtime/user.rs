@@ -100,6 +100,8 @@ pub struct UserRequest {
     pub run_as_group: Option<u32>,
     pub supplemental_groups: Vec<u32>,
     pub image_user: String,
+    /// Strict policy: the image's /etc/group adds nothing.
+    pub strict_groups: bool,
 }
 
 /// Resolves the user against the image's files (`passwd`, `group` contents).
@@ -143,7 +145,7 @@ pub fn resolve(req: &UserRequest, passwd: &str, group: &str) -> Result<ResolvedU
         };
     let gid = req.run_as_group.or(from_image_group).unwrap_or(entry.gid);
     let mut groups: Vec<u32> = vec![gid];
-    if !entry.name.is_empty() {
+    if !entry.name.is_empty() && !req.strict_groups {
         groups.extend(
             group_entries(group)
                 .filter(|g| g.members.iter().any(|m| m == &entry.name))
@@ -205,6 +207,12 @@ mod tests {
         };
         let u = resolve(&r, PASSWD, GROUP).expect("resolve");
         assert_eq!((u.uid, u.gid, u.groups), (1002, 50, vec![7, 50, 100, 2000]));
+        let strict = UserRequest {
+            strict_groups: true,
+            ..r
+        };
+        let u = resolve(&strict, PASSWD, GROUP).expect("strict");
+        assert_eq!(u.groups, vec![7, 50]);
         let r = UserRequest {
             run_as_username: "www-data".into(),
             ..Default::default()
