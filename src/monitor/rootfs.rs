@@ -28,6 +28,8 @@ pub(crate) struct MountOptions {
     pub(crate) propagation: Vec<MsFlags>,
     /// Options the filesystem gets as data, e.g. "mode=755,size=65536k".
     pub(crate) data: String,
+    /// `rro`: read-only through every submount (mount_setattr, AT_RECURSIVE).
+    pub(crate) recursive_readonly: bool,
 }
 
 impl MountOptions {
@@ -43,6 +45,7 @@ pub(crate) fn parse_options(options: &[String]) -> MountOptions {
         flags: MsFlags::empty(),
         propagation: Vec::new(),
         data: String::new(),
+        recursive_readonly: false,
     };
     let mut data = Vec::new();
     for option in options {
@@ -76,6 +79,10 @@ pub(crate) fn parse_options(options: &[String]) -> MountOptions {
             "noacl" => (true, MsFlags::MS_POSIXACL),
             // runc extensions without a kernel flag that berth does not do.
             "tmpcopyup" | "idmap" | "ridmap" => continue,
+            "rro" => {
+                out.recursive_readonly = true;
+                continue;
+            }
             other => {
                 if let Some(p) = propagation(other) {
                     out.propagation.push(p);
@@ -404,6 +411,38 @@ fn bind_mount(m: &Mount, dest: &Path, options: &MountOptions) -> Result<(), Step
     if !extra.is_empty() {
         let flags = extra | kept_flags(dest)? | MsFlags::MS_BIND | MsFlags::MS_REMOUNT;
         mount_at(None, dest, None, flags, None)?;
+    }
+    if options.recursive_readonly {
+        recursive_readonly(dest)?;
+    }
+    Ok(())
+}
+
+/// Makes the mount at `dest` and every mount below it read-only.
+fn recursive_readonly(dest: &Path) -> Result<(), StepError> {
+    let path = std::ffi::CString::new(dest.as_os_str().as_encoded_bytes())
+        .map_err(|_| StepError::msg(format!("rro {}", dest.display()), "path has a NUL byte"))?;
+    let attr = libc::mount_attr {
+        attr_set: libc::MOUNT_ATTR_RDONLY,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: nix lacks mount_setattr; path is a valid C string and attr a
+    // valid mount_attr of the size passed, both living across the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            libc::AT_RECURSIVE as libc::c_uint,
+            &attr as *const libc::mount_attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error())
+            .step(|| format!("make {} recursively read-only", dest.display()));
     }
     Ok(())
 }

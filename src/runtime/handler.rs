@@ -20,7 +20,10 @@ pub fn handlers(config: &[RuntimeHandlerConfig]) -> Vec<RuntimeHandler> {
         .iter()
         .map(|h| RuntimeHandler {
             name: h.name.clone(),
-            features: HandlerFeatures::default(),
+            features: HandlerFeatures {
+                recursive_read_only_mounts: true,
+                user_namespaces: false,
+            },
         })
         .collect()
 }

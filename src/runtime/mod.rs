@@ -800,6 +800,20 @@ impl Runtime {
             }
             NamespaceMode::Container | NamespaceMode::Node => None,
         };
+        for m in config.mounts.iter().filter(|m| m.recursive_read_only) {
+            if !m.readonly {
+                return Err(RuntimeError::InvalidArgument(format!(
+                    "mount {}: recursive_read_only needs readonly",
+                    m.container_path
+                )));
+            }
+            if m.propagation != container::Propagation::Private {
+                return Err(RuntimeError::InvalidArgument(format!(
+                    "mount {}: recursive_read_only works only with private propagation",
+                    m.container_path
+                )));
+            }
+        }
         let mut resolved = config.clone();
         for m in &mut resolved.mounts {
             m.host_path = host_path(&m.host_path)?;

@@ -209,6 +209,9 @@ pub fn build(input: &SpecInput) -> Value {
     for m in &c.mounts {
         let mut options = vec!["rbind"];
         options.push(if m.readonly { "ro" } else { "rw" });
+        if m.recursive_read_only {
+            options.push("rro");
+        }
         options.push(match m.propagation {
             Propagation::Private => "rprivate",
             Propagation::HostToContainer => "rslave",
