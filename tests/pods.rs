@@ -614,3 +614,76 @@ async fn containers_outlive_a_killed_berthd() {
     .await
     .expect("remove pod");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reboot_reports_every_container_exited() {
+    let mut node = node().await;
+    let mut rt = node.berthd.runtime().await;
+    let pc = pod_config(&node, "rebooted");
+    let pod = run_pod(&mut rt, pc.clone()).await;
+    let id = create(
+        &mut rt,
+        &pod,
+        &pc,
+        container_config(&node, "sleeper", &["sleep", "600"]),
+    )
+    .await
+    .expect("create");
+    rt.start_container(StartContainerRequest {
+        container_id: id.clone(),
+    })
+    .await
+    .expect("start");
+    let info = rt
+        .container_status(ContainerStatusRequest {
+            container_id: id.clone(),
+            verbose: true,
+        })
+        .await
+        .expect("verbose status")
+        .into_inner()
+        .info;
+    let info: serde_json::Value = serde_json::from_str(&info["info"]).expect("info JSON");
+    let init_pid = info["pid"].as_i64().expect("init pid") as i32;
+    drop(rt);
+    assert!(node.berthd.stop_with(Signal::SIGTERM).success());
+
+    // What a reboot does: every process and mount of the old boot is gone.
+    let monitors: Vec<i32> = std::fs::read_dir("/proc")
+        .expect("proc")
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&cmd).contains(&*node.berthd.state_dir.to_string_lossy())
+        })
+        .collect();
+    for pid in monitors.iter().chain(std::iter::once(&init_pid)) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), Signal::SIGKILL);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    common::berthd::force_clean(
+        &node.berthd.root,
+        &node.berthd.state_dir,
+        &node.berthd.names,
+    );
+    std::fs::write(node.berthd.state_dir.join("boot_id"), "an-earlier-boot\n").expect("boot id");
+
+    node.berthd.spawn();
+    let mut rt = node.berthd.runtime().await;
+    let s = status(&mut rt, &id).await;
+    assert_eq!(s.state, ContainerState::ContainerExited as i32);
+    assert!(s.message.contains("rebooted"), "{}", s.message);
+    let pods = rt
+        .list_pod_sandbox(ListPodSandboxRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .items;
+    assert_eq!(pods[0].state, PodSandboxState::SandboxNotready as i32);
+    rt.remove_pod_sandbox(RemovePodSandboxRequest {
+        pod_sandbox_id: pod,
+    })
+    .await
+    .expect("remove pod");
+}

@@ -10,8 +10,10 @@ pub mod handler;
 mod infra;
 pub mod namespace;
 pub mod pod;
+mod recovery;
 pub mod resources;
 mod rootfs;
+pub mod seccomp;
 pub mod spec;
 pub mod stats;
 pub mod user;
@@ -292,6 +294,14 @@ impl Runtime {
 
     /// A clean shutdown: with no pod left, the node-wide network objects go too.
     pub fn shut_down(&self) {
+        // Monitors of removed containers may take a moment to leave it.
+        if self.tables().containers.is_empty()
+            && let Err(e) = self
+                .cgroups
+                .remove(&format!("{}/monitors", self.config.cgroup.parent))
+        {
+            tracing::debug!(error = %e, "monitors cgroup stays: monitors still run");
+        }
         if self.tables().pods.is_empty()
             && let Err(e) = self.network.remove_all()
         {
@@ -320,60 +330,6 @@ impl Runtime {
 
     fn container_paths(&self, id: &str) -> ContainerPaths {
         ContainerPaths::new(&self.config.state_dir, &self.config.root, id)
-    }
-
-    /// Loads the records of pods and containers; a container whose monitor
-    /// lives is watched again, one whose monitor is gone is final.
-    fn recover(self: &Arc<Self>) -> Result<(), RuntimeError> {
-        let pods_dir = self.config.state_dir.join("pods");
-        for entry in std::fs::read_dir(&pods_dir).into_iter().flatten().flatten() {
-            match store::read_json::<PodRecord>(&entry.path().join("pod.json")) {
-                Ok(pod) => {
-                    let mut t = self.tables();
-                    t.pod_names
-                        .insert(PodRecord::reserved_name(&pod.config), pod.id.clone());
-                    t.pods.insert(pod.id.clone(), pod);
-                }
-                Err(e) => tracing::warn!(error = %e, "skipping pod record"),
-            }
-        }
-        let containers_dir = self.config.state_dir.join("containers");
-        for entry in std::fs::read_dir(&containers_dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let record =
-                match store::read_json::<ContainerRecord>(&entry.path().join("container.json")) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "skipping container record");
-                        continue;
-                    }
-                };
-            let status = monitor::read_status(&entry.path()).unwrap_or_else(|e| {
-                tracing::warn!(container = %record.id, error = %e, "no monitor status");
-                lost_status("the container's monitor left no status")
-            });
-            let id = record.id.clone();
-            let live = matches!(
-                state_of(&status),
-                ContainerState::Created | ContainerState::Running
-            );
-            {
-                let mut t = self.tables();
-                t.container_names
-                    .insert(container_name_key(&record), id.clone());
-                let (tx, _) = watch::channel(status);
-                t.containers
-                    .insert(id.clone(), ContainerEntry { record, status: tx });
-            }
-            if live {
-                let runtime = self.clone();
-                tokio::spawn(async move { runtime.watch_container(id).await });
-            }
-        }
-        Ok(())
     }
 
     // ---- pods ----
@@ -875,7 +831,21 @@ impl Runtime {
                 what: "monitor launch".to_string(),
                 source: std::io::Error::other(e),
             })??;
+        self.adopt_monitor(&paths.bundle)?;
         Ok(record)
+    }
+
+    /// Moves a new monitor out of berthd's cgroup into berth's monitors
+    /// cgroup, so stopping berthd's service does not stop containers.
+    fn adopt_monitor(&self, bundle: &Path) -> Result<(), RuntimeError> {
+        let status = monitor::read_status(bundle)?;
+        let rel = format!("{}/monitors", self.config.cgroup.parent);
+        self.cgroups.create(&rel)?;
+        for procs in self.cgroups.procs_files(&rel)? {
+            std::fs::write(&procs, status.monitor_pid.to_string())
+                .map_err(io(format!("move the monitor into {}", procs.display())))?;
+        }
+        Ok(())
     }
 
     /// Removes whatever a failed or removed container left: rootfs mount,
