@@ -57,6 +57,8 @@ pub enum DaemonError {
     Images(ImageError),
     #[error("cannot set up the pod network: {0}")]
     Network(NetworkError),
+    #[error("cannot start the streaming server: {0}")]
+    Stream(crate::stream::StreamError),
     #[error("cannot install signal handler: {0}")]
     Signal(std::io::Error),
     #[error("gRPC server failed: {0}")]
@@ -143,16 +145,31 @@ fn bind_socket(path: &Path) -> Result<UnixListener, DaemonError> {
     Ok(listener)
 }
 
-/// The pod network of the config's mode. CNI plugins are not supported yet,
-/// so `cni` mode is refused and `auto` uses the built-in bridge.
+/// The pod network of the config's mode: `builtin`, the bridge; `cni`, CNI
+/// plugins only (not ready until a config appears in `cni_conf_dir`);
+/// `auto`, CNI when `cni_conf_dir` holds a config file at start, else the
+/// bridge.
 fn pod_network(config: &Config) -> Result<Arc<dyn PodNetwork>, DaemonError> {
-    if config.network.mode == NetworkMode::Cni {
-        return Err(DaemonError::Network(NetworkError::Config(
-            "network.mode cni: CNI plugins are not supported yet; use auto or builtin".to_string(),
-        )));
+    let network = &config.network;
+    let use_cni = match network.mode {
+        NetworkMode::Cni => true,
+        NetworkMode::Builtin => false,
+        NetworkMode::Auto => crate::cni::conf::has_conf_files(&network.cni_conf_dir),
+    };
+    if use_cni {
+        let cni = crate::cni::cni_network::CniNetwork::new(network, &config.state_dir.join("cni"))
+            .map_err(DaemonError::Network)?;
+        tracing::info!(
+            mode = ?network.mode,
+            conf_dir = %network.cni_conf_dir.display(),
+            network = cni.config().map(|c| c.name).unwrap_or_default(),
+            "pod network: CNI plugins"
+        );
+        return Ok(Arc::new(cni));
     }
-    let bridge = BridgeNetwork::new(&config.network, &config.state_dir.join("network"))
+    let bridge = BridgeNetwork::new(network, &config.state_dir.join("network"))
         .map_err(DaemonError::Network)?;
+    tracing::info!(mode = ?network.mode, bridge = %network.bridge, "pod network: built-in bridge");
     Ok(Arc::new(bridge))
 }
 
@@ -180,7 +197,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let runtime = Runtime::open(config.clone(), cgroups.clone(), images.clone(), network)
         .map_err(DaemonError::Runtime)?;
     let runtime_for_shutdown = runtime.clone();
+    let stream = crate::stream::StreamServer::start(&config.stream, runtime.clone())
+        .await
+        .map_err(DaemonError::Stream)?;
     let service = CriService::new(config.clone(), cgroup_version, images, runtime);
+    service.set_stream_server(Arc::new(stream));
 
     let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
@@ -188,6 +209,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let listener = bind_socket(&config.socket)?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
+        .layer(crate::cri::deadline::DeadlineLayer)
         .add_service(
             RuntimeServiceServer::from_arc(service.clone())
                 .max_decoding_message_size(MAX_GRPC_MESSAGE)

@@ -2,6 +2,7 @@
 //! translates requests into calls on `runtime` and `image`, and holds no logic.
 
 mod convert;
+pub mod deadline;
 mod image_service;
 mod runtime_service;
 mod stats;
@@ -22,6 +23,8 @@ pub struct CriService {
     cgroup_version: CgroupVersion,
     images: Arc<ImageStore>,
     runtime: Arc<Runtime>,
+    /// The streaming server of Exec, Attach and PortForward, once started.
+    stream: std::sync::OnceLock<Arc<crate::stream::StreamServer>>,
     /// A handle on itself for tasks that outlive a request (event streams).
     this: std::sync::Weak<CriService>,
 }
@@ -38,8 +41,14 @@ impl CriService {
             cgroup_version,
             images,
             runtime,
+            stream: std::sync::OnceLock::new(),
             this: this.clone(),
         })
+    }
+
+    /// Hands Exec, Attach and PortForward the streaming server (once).
+    pub fn set_stream_server(&self, server: Arc<crate::stream::StreamServer>) {
+        let _ = self.stream.set(server);
     }
 }
 
