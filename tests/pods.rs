@@ -687,3 +687,49 @@ async fn a_reboot_reports_every_container_exited() {
     .await
     .expect("remove pod");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_pid_namespace_and_no_log_directory() {
+    let node = node().await;
+    let mut rt = node.berthd.runtime().await;
+    // critest's default: no namespace options (PID shared by the pod), no log directory.
+    let mut pc = pod_config(&node, "shared");
+    pc.log_directory = String::new();
+    let pod = run_pod(&mut rt, pc.clone()).await;
+    let mut ids = Vec::new();
+    for name in ["first", "second"] {
+        let mut cfg = container_config(&node, name, &["sleep", "600"]);
+        cfg.log_path = String::new();
+        let id = create(&mut rt, &pod, &pc, cfg).await.expect("create");
+        rt.start_container(StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .expect("start");
+        ids.push(id);
+    }
+    let out = rt
+        .exec_sync(ExecSyncRequest {
+            container_id: ids[1].clone(),
+            cmd: vec!["ps".into(), "-o".into(), "pid,args".into()],
+            timeout: 5,
+        })
+        .await
+        .expect("ps")
+        .into_inner();
+    let ps = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        ps.matches("sleep 600").count(),
+        2,
+        "each sees the other: {ps}"
+    );
+    assert!(
+        ps.lines().any(|l| l.trim_start().starts_with("1 ")),
+        "a PID 1 in the pod: {ps}"
+    );
+    rt.remove_pod_sandbox(RemovePodSandboxRequest {
+        pod_sandbox_id: pod,
+    })
+    .await
+    .expect("remove pod");
+}
