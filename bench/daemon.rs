@@ -3,12 +3,21 @@
 //! the other's objects: berthd (the binary of this build) and Debian's
 //! containerd with its CRI plugin. Both are served through the same CRI v1
 //! client code. A daemon runs in its own process group (a Ctrl-C reaches only
-//! the harness, which then stops it), is stopped by its pid, and after it
-//! exits its mounts and its directory are removed.
+//! the harness, which then stops it) and in a cgroup of its own (see
+//! [`procfs::Hierarchy`]), so whatever it forks and leaves there —
+//! containerd's shims — is found by cgroup however it was reparented (berth
+//! moves its monitors under its own cgroup parent, which is the daemon's
+//! too). It is stopped by its pid; after it exits, anything still in
+//! its cgroup or in its pods' cgroups is reported and killed by pid, and its
+//! mounts, cgroups, network objects and directory are removed.
 
+use std::collections::BTreeSet;
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -20,8 +29,8 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::common::berthd::{InstanceNames, leaks_of};
-use crate::procfs;
+use crate::common::berthd::{InstanceNames, force_clean, leaks_of};
+use crate::procfs::{self, Hierarchy};
 
 /// berthd as cargo built it for this benchmark (the release profile).
 pub const BERTHD: &str = env!("CARGO_BIN_EXE_berthd");
@@ -29,7 +38,14 @@ pub const BERTHD: &str = env!("CARGO_BIN_EXE_berthd");
 pub const CONTAINERD: &str = "containerd";
 /// Where Debian's containernetworking-plugins live (Debian's containerd
 /// config points there too).
-const CNI_BIN_DIR: &str = "/usr/lib/cni";
+pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
+/// Where containerd 1.6 pins pod network namespaces (a fixed path).
+const NETNS_DIR: &str = "/run/netns";
+/// Where containerd 1.6 puts its shims' sockets (a fixed path).
+const SHIM_SOCKET_DIR: &str = "/run/containerd/s";
+/// The cgroup runc puts containerd's CRI containers under when the pod
+/// names no cgroup parent: containerd's namespace.
+const CONTAINERD_CGROUP: &str = "k8s.io";
 
 /// Pod subnets: neither berth's default (10.66/16) nor the 10.88/16 of
 /// containerd's sample config, and not each other's.
@@ -76,6 +92,11 @@ pub struct Setup {
     pub berth_rust_log: String,
     /// Where each daemon's log is copied when it stops (None: not kept).
     pub keep_logs: Option<PathBuf>,
+    /// containerd's `sandbox_image` (the pause image in the registry); None
+    /// leaves containerd's default, which the image benchmarks never use.
+    pub sandbox_image: Option<String>,
+    /// Where each daemon gets a cgroup of its own.
+    pub hierarchy: Hierarchy,
 }
 
 /// One running daemon.
@@ -89,6 +110,21 @@ pub struct Daemon {
     state: PathBuf,
     /// berthd's host-wide names, checked for leftovers after it stops.
     names: Option<InstanceNames>,
+    /// containerd's CNI bridge (the bridge plugin never removes it).
+    cni_bridge: Option<String>,
+    /// The daemon's own cgroup: its path in the hierarchy ("/berth-bench-daemon-…")
+    /// and its directory.
+    cgroup: String,
+    cgroup_dir: PathBuf,
+    hierarchy: Hierarchy,
+    /// Pod and container ids made through this daemon, to find their
+    /// processes and cgroups.
+    ids: Mutex<BTreeSet<String>>,
+    /// Entries of the fixed host paths containerd uses, before it started.
+    netns_before: BTreeSet<String>,
+    shim_dir_existed: bool,
+    /// The hierarchies' [`CONTAINERD_CGROUP`] directories that existed before.
+    cgroups_before: Vec<PathBuf>,
     dir: Option<tempfile::TempDir>,
     /// Where to copy the log on stop, as "<dir>/<runtime>-<n>.log".
     keep_log: Option<PathBuf>,
@@ -113,6 +149,13 @@ impl Daemon {
         std::fs::create_dir_all(&cni_conf_dir)
             .map_err(|e| format!("mkdir {}: {e}", cni_conf_dir.display()))?;
         let config = path.join("config");
+        let cgroup = format!("/berth-bench-daemon-{tag}");
+        let cgroup_dir = setup.hierarchy.mount.join(cgroup.trim_start_matches('/'));
+        std::fs::create_dir(&cgroup_dir)
+            .map_err(|e| format!("mkdir {}: {e}", cgroup_dir.display()))?;
+        let procs = CString::new(cgroup_dir.join("cgroup.procs").as_os_str().as_bytes())
+            .map_err(|e| format!("cgroup path: {e}"))?;
+        let mut cni_bridge = None;
         let (mut command, socket, names) = match runtime {
             Runtime::Berth => {
                 let names = InstanceNames {
@@ -134,10 +177,12 @@ impl Daemon {
             }
             Runtime::Containerd => {
                 let socket = state.join("containerd.sock");
+                let bridge = format!("bc{tag}");
                 write(
                     &cni_conf_dir.join("10-berth-bench.conflist"),
-                    &containerd_cni_conflist(&format!("bc{tag}"), &path.join("cni/ipam")),
+                    &containerd_cni_conflist(&bridge, &path.join("cni/ipam")),
                 )?;
+                cni_bridge = Some(bridge);
                 let toml = containerd_config(&root, &state, &socket, &path, &cni_conf_dir, setup);
                 write(&config, &toml)?;
                 let mut command = Command::new(CONTAINERD);
@@ -155,20 +200,46 @@ impl Daemon {
             .stdout(log_file)
             .stderr(log_err)
             .process_group(0);
-        // SAFETY: prctl is async-signal-safe. The daemons are spawned from the
-        // harness's main thread (a current-thread runtime), which lives as long
-        // as the run, so the signal comes only when the harness itself dies.
+        // SAFETY: prctl, open, write and close are async-signal-safe, and
+        // `procs` was allocated before the fork. The daemons are spawned from
+        // the harness's main thread (a current-thread runtime), which lives as
+        // long as the run, so the signal comes only when the harness itself dies.
         unsafe {
-            command.pre_exec(|| {
+            command.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                // Join the daemon's own cgroup: "0" names the writer.
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                let error = std::io::Error::last_os_error();
+                libc::close(fd);
+                if written != 1 {
+                    return Err(error);
                 }
                 Ok(())
             });
         }
-        let child = command
-            .spawn()
-            .map_err(|e| format!("spawn {}: {e}", runtime.name()))?;
+        let netns_before = list_dir(Path::new(NETNS_DIR));
+        let shim_dir_existed = Path::new(SHIM_SOCKET_DIR).exists();
+        let cgroups_before: Vec<PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path().join(CONTAINERD_CGROUP))
+            .chain([Path::new("/sys/fs/cgroup").join(CONTAINERD_CGROUP)])
+            .filter(|p| p.exists())
+            .collect();
+        let child = match command.spawn() {
+            Ok(child) => child,
+            Err(e) => {
+                let _ = std::fs::remove_dir(&cgroup_dir);
+                return Err(format!("spawn {}: {e}", runtime.name()));
+            }
+        };
         let mut daemon = Daemon {
             runtime,
             pid: child.id(),
@@ -178,6 +249,14 @@ impl Daemon {
             root,
             state,
             names,
+            cni_bridge,
+            cgroup,
+            cgroup_dir,
+            hierarchy: setup.hierarchy.clone(),
+            ids: Mutex::new(BTreeSet::new()),
+            netns_before,
+            shim_dir_existed,
+            cgroups_before,
             dir: Some(dir),
             keep_log: setup
                 .keep_logs
@@ -220,6 +299,39 @@ impl Daemon {
 
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// The hierarchy the daemon's own cgroup is in.
+    pub fn hierarchy(&self) -> &Hierarchy {
+        &self.hierarchy
+    }
+
+    /// Whether a process in `cgroup` (as /proc/<pid>/cgroup names it) was
+    /// put there by the daemon for itself rather than for a pod: the
+    /// daemon's own cgroup (containerd's shims stay in it), and for berth
+    /// anything under its cgroup parent (its monitors move to
+    /// `<parent>/monitors`). Ask about pods' and containers' cgroups first.
+    pub fn is_daemon_cgroup(&self, cgroup: &str) -> bool {
+        cgroup == self.cgroup
+            || self.names.as_ref().is_some_and(|n| {
+                cgroup
+                    .strip_prefix('/')
+                    .and_then(|c| c.strip_prefix(n.cgroup_parent.as_str()))
+                    .is_some_and(|rest| rest.starts_with('/'))
+            })
+    }
+
+    /// Remembers a pod or container id made through this daemon: after the
+    /// daemon stops, processes and cgroups named by it are looked for.
+    pub fn track(&self, id: &str) {
+        self.ids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_string());
+    }
+
+    fn tracked(&self) -> BTreeSet<String> {
+        self.ids.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub async fn images(&self) -> Result<ImageServiceClient<Channel>, String> {
@@ -325,7 +437,8 @@ impl Daemon {
         true
     }
 
-    /// After the daemon exited: its leftovers, its mounts, its directory.
+    /// After the daemon exited: processes it left (in its cgroup or its
+    /// pods'), its host-wide objects, mounts, cgroups and directory.
     fn clean_up(&mut self, mut left: Vec<String>) -> Vec<String> {
         let Some(dir) = self.dir.take() else {
             return left;
@@ -335,9 +448,26 @@ impl Daemon {
         {
             left.push(format!("copy log to {}: {e}", keep.display()));
         }
+        let ids = self.tracked();
+        let stray = self.processes_left(&ids);
+        for (pid, cgroup) in &stray {
+            left.push(format!(
+                "process {pid} ({}) in cgroup {cgroup}: killed",
+                procfs::comm(*pid)
+            ));
+            let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.processes_left(&ids).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         if let Some(names) = &self.names {
             // Mounts are reported by leaks_of too; they are unmounted below.
-            left.extend(leaks_of(&self.root, &self.state, names));
+            let leaks = leaks_of(&self.root, &self.state, names);
+            if !leaks.is_empty() {
+                force_clean(&self.root, &self.state, names);
+            }
+            left.extend(leaks);
         }
         for point in mounts_under(dir.path()) {
             let entry = format!("mount {}", point.display());
@@ -348,12 +478,120 @@ impl Daemon {
                 left.push(format!("unmount {}: {e}", point.display()));
             }
         }
+        if self.runtime == Runtime::Containerd {
+            left.extend(self.clean_up_containerd(&ids));
+        }
+        // The cgroup goes once the last process in it is reaped.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match std::fs::remove_dir(&self.cgroup_dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    if Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    }
+                    left.push(format!("remove cgroup {}: {e}", self.cgroup_dir.display()));
+                }
+                _ => {}
+            }
+            break;
+        }
         let path = dir.path().to_path_buf();
         if let Err(e) = dir.close() {
             left.push(format!("remove {}: {e}", path.display()));
         }
         left
     }
+
+    /// Processes in the daemon's own cgroup or in a cgroup named by one of
+    /// its pods or containers, with that cgroup.
+    fn processes_left(&self, ids: &BTreeSet<String>) -> Vec<(u32, String)> {
+        self.hierarchy
+            .processes()
+            .into_iter()
+            .filter(|(pid, cgroup)| {
+                *pid != self.pid
+                    && (*cgroup == self.cgroup || cgroup.split('/').any(|part| ids.contains(part)))
+            })
+            .collect()
+    }
+
+    /// What containerd and its CNI plugins leave on the host: cgroups of its
+    /// pods and containers (and their parent, which runc never removes, when
+    /// this daemon made it), network namespaces under /run/netns, its shims'
+    /// socket directory; and the CNI bridge, which the bridge plugin never
+    /// removes by design (deleted without a report).
+    fn clean_up_containerd(&self, ids: &BTreeSet<String>) -> Vec<String> {
+        let mut left = Vec::new();
+        // With no cgroup parent in the pod config, runc puts containerd's
+        // containers at /<namespace>/<id> ("/k8s.io/<id>") of every hierarchy
+        // (the directories right under /sys/fs/cgroup, or it on a v2 host).
+        let mut hierarchies: Vec<PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_dir())
+            .collect();
+        hierarchies.push(PathBuf::from("/sys/fs/cgroup"));
+        for hierarchy in &hierarchies {
+            for id in ids {
+                let dir = hierarchy.join(CONTAINERD_CGROUP).join(id);
+                if dir.join("cgroup.procs").exists() {
+                    left.push(format!("cgroup {}", dir.display()));
+                    let _ = std::fs::remove_dir(&dir);
+                }
+            }
+            let parent = hierarchy.join(CONTAINERD_CGROUP);
+            if !self.cgroups_before.contains(&parent) && parent.join("cgroup.procs").exists() {
+                // Made for this daemon's pods; fails (and stays) if in use.
+                let _ = std::fs::remove_dir(&parent);
+            }
+        }
+        if let Some(bridge) = &self.cni_bridge
+            && Path::new("/sys/class/net").join(bridge).exists()
+        {
+            let deleted = Command::new("ip")
+                .args(["link", "del", bridge])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if !deleted {
+                left.push(format!("bridge {bridge}: cannot delete it"));
+            }
+        }
+        for name in list_dir(Path::new(NETNS_DIR)).difference(&self.netns_before) {
+            let pin = Path::new(NETNS_DIR).join(name);
+            left.push(format!("network namespace {}", pin.display()));
+            let _ = nix::mount::umount2(&pin, nix::mount::MntFlags::MNT_DETACH);
+            let _ = std::fs::remove_file(&pin);
+        }
+        let shim_dir = Path::new(SHIM_SOCKET_DIR);
+        if !self.shim_dir_existed && shim_dir.exists() {
+            let sockets = list_dir(shim_dir);
+            if sockets.is_empty() {
+                let _ = std::fs::remove_dir(shim_dir);
+                if let Some(parent) = shim_dir.parent() {
+                    let _ = std::fs::remove_dir(parent);
+                }
+            } else {
+                left.push(format!(
+                    "{} shim sockets in {SHIM_SOCKET_DIR}",
+                    sockets.len()
+                ));
+            }
+        }
+        left
+    }
+}
+
+/// The names in a directory (empty when it is missing).
+fn list_dir(dir: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
 }
 
 impl Drop for Daemon {
@@ -451,10 +689,16 @@ fn berth_config(
 }
 
 /// containerd's config: Debian's (`/etc/containerd/config.toml`: defaults,
-/// CNI binaries in /usr/lib/cni) with root, state, sockets, the `opt` plugin
-/// and the CNI config dir moved into the daemon's own directory, and the
-/// registry as a plain-HTTP mirror of itself. Durability is containerd's
-/// default (content blobs fsynced on commit, bolt metadata synced).
+/// CNI binaries in /usr/lib/cni) with root, state, sockets, the `opt` plugin,
+/// runc's state (`Root`, else /run/containerd/runc) and the CNI config dir
+/// moved into the daemon's own directory, the registry as a plain-HTTP
+/// mirror of itself, and the benchmark's pause image as `sandbox_image`.
+/// Durability is containerd's default (content blobs fsynced on commit, bolt
+/// metadata synced); cgroups are cgroupfs (`SystemdCgroup` false), as berth's.
+/// `restrict_oom_score_adj`: root on the benchmark's VM lacks
+/// CAP_SYS_RESOURCE, so runc cannot give the pause process containerd's
+/// oom_score_adj of -998 and every RunPodSandbox fails; restricted, the pause
+/// gets containerd's own score (0) instead, which changes nothing measured.
 fn containerd_config(
     root: &Path,
     state: &Path,
@@ -463,6 +707,11 @@ fn containerd_config(
     cni_conf_dir: &Path,
     setup: &Setup,
 ) -> String {
+    let sandbox_image = setup
+        .sandbox_image
+        .as_ref()
+        .map(|image| format!("\x20   sandbox_image = \"{image}\"\n"))
+        .unwrap_or_default();
     format!(
         "version = 2\n\
          root = \"{root}\"\n\
@@ -471,9 +720,15 @@ fn containerd_config(
          [ttrpc]\n  address = \"{socket}.ttrpc\"\n\
          [plugins]\n\
          \x20 [plugins.\"io.containerd.grpc.v1.cri\"]\n\
+         \x20   restrict_oom_score_adj = true\n\
+         {sandbox_image}\
          \x20   [plugins.\"io.containerd.grpc.v1.cri\".cni]\n\
          \x20     bin_dir = \"{CNI_BIN_DIR}\"\n\
          \x20     conf_dir = \"{cni}\"\n\
+         \x20   [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n\
+         \x20     runtime_type = \"io.containerd.runc.v2\"\n\
+         \x20     [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc.options]\n\
+         \x20       Root = \"{runc_root}\"\n\
          \x20   [plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"{reg}\"]\n\
          \x20     endpoint = [\"http://{reg}\"]\n\
          \x20 [plugins.\"io.containerd.internal.v1.opt\"]\n\
@@ -484,12 +739,15 @@ fn containerd_config(
         cni = cni_conf_dir.display(),
         reg = setup.registry,
         opt = dir.join("opt").display(),
+        runc_root = dir.join("runc").display(),
     )
 }
 
 /// containerd's pod network: a bridge of its own on [`CONTAINERD_SUBNET`],
-/// IPAM state in the daemon's directory. Unused by the image benchmarks; it
-/// makes containerd's network ready the way a node's would be.
+/// IPAM state in the daemon's directory, egress masqueraded, and `portmap`
+/// chained as in containerd's sample config (containerd adds `loopback`
+/// itself). The image benchmarks make no pods; it makes containerd's network
+/// ready the way a node's would be.
 fn containerd_cni_conflist(bridge: &str, ipam_dir: &Path) -> String {
     serde_json::json!({
         "cniVersion": "1.0.0",

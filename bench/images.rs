@@ -77,8 +77,6 @@ impl Image {
 
 /// What the image benchmarks measured.
 pub struct Results {
-    /// RSS of every daemon after it started and sat idle for [`SETTLE`].
-    pub idle_rss: Metric,
     pub per_image: Vec<ImageResults>,
     /// What daemons left on the host after they stopped (normally nothing).
     pub leftovers: Vec<String>,
@@ -98,10 +96,15 @@ pub struct ImageResults {
 }
 
 /// `samples` cold pulls of every image in each runtime, alternating which
-/// runtime goes first.
-pub async fn run(setup: &Setup, images: &[Image], samples: usize) -> Result<Results, String> {
+/// runtime goes first; pushes each daemon's RSS after it sat idle for
+/// [`SETTLE`] into `idle_rss`.
+pub async fn run(
+    setup: &Setup,
+    images: &[Image],
+    samples: usize,
+    idle_rss: &mut Metric,
+) -> Result<Results, String> {
     let mut results = Results {
-        idle_rss: Metric::new("idle RSS (VmRSS 1 s after start)", Unit::MiB),
         per_image: images
             .iter()
             .map(|image| ImageResults {
@@ -145,7 +148,7 @@ pub async fn run(setup: &Setup, images: &[Image], samples: usize) -> Result<Resu
                 per_image.peak_rss.push(runtime, pulled.peak_rss_mib);
                 per_image.cpu.push(runtime, pulled.cpu.total());
                 per_image.disk.push(runtime, pulled.disk_mib);
-                results.idle_rss.push(runtime, pulled.idle_rss_mib);
+                idle_rss.push(runtime, pulled.idle_rss_mib);
                 results.leftovers.extend(
                     pulled
                         .leftovers

@@ -32,6 +32,122 @@ pub fn memory(pid: u32) -> Result<Memory, String> {
     })
 }
 
+/// Resident and proportional set of one process, from
+/// /proc/<pid>/smaps_rollup, in KiB. PSS divides each shared page by the
+/// number of processes mapping it, so the PSS of a set of processes adds up
+/// to the memory they take together.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Footprint {
+    pub rss_kib: u64,
+    pub pss_kib: u64,
+}
+
+impl std::ops::AddAssign for Footprint {
+    fn add_assign(&mut self, other: Footprint) {
+        self.rss_kib += other.rss_kib;
+        self.pss_kib += other.pss_kib;
+    }
+}
+
+pub fn footprint(pid: u32) -> Result<Footprint, String> {
+    let path = format!("/proc/{pid}/smaps_rollup");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("read {path}: {e}"))?;
+    let field = |name: &str| -> Result<u64, String> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .ok_or_else(|| format!("no {name} in {path}"))
+    };
+    Ok(Footprint {
+        rss_kib: field("Rss:")?,
+        pss_kib: field("Pss:")?,
+    })
+}
+
+/// The cgroup hierarchy the benchmark files each daemon under, so that
+/// everything a daemon forks and leaves where it was born (berth's monitors,
+/// containerd's shims) can be found by cgroup, however it was reparented:
+/// the v1 `pids` controller where there is one, else the v2 hierarchy.
+#[derive(Clone, Debug)]
+pub struct Hierarchy {
+    /// Where it is mounted, e.g. /sys/fs/cgroup/pids.
+    pub mount: std::path::PathBuf,
+    /// How /proc/<pid>/cgroup names it: Some("pids") for a v1 controller,
+    /// None for the v2 line "0::/path".
+    controller: Option<&'static str>,
+}
+
+impl Hierarchy {
+    pub fn find() -> Result<Hierarchy, String> {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+            .map_err(|e| format!("read /proc/self/mountinfo: {e}"))?;
+        let mut v2 = None;
+        for line in mountinfo.lines() {
+            let Some((left, right)) = line.split_once(" - ") else {
+                continue;
+            };
+            let mut fields = right.split(' ');
+            let fstype = fields.next().unwrap_or_default();
+            let options = fields.nth(1).unwrap_or_default();
+            let Some(point) = left.split(' ').nth(4) else {
+                continue;
+            };
+            if fstype == "cgroup" && options.split(',').any(|o| o == "pids") {
+                return Ok(Hierarchy {
+                    mount: point.into(),
+                    controller: Some("pids"),
+                });
+            }
+            if fstype == "cgroup2" && v2.is_none() {
+                v2 = Some(point.to_string());
+            }
+        }
+        // A v2 mount beside v1 controllers (hybrid) holds no process moves by
+        // the runtimes' v1 code, so it would do too; a pure v2 host has only it.
+        v2.map(|point| Hierarchy {
+            mount: point.into(),
+            controller: None,
+        })
+        .ok_or_else(|| "no cgroup v1 pids controller and no cgroup2 mount".to_string())
+    }
+
+    /// The cgroup of `pid` in this hierarchy, e.g. "/berth-bench-1-0";
+    /// None when the process is gone.
+    pub fn cgroup_of(&self, pid: u32) -> Option<String> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+        text.lines().find_map(|line| {
+            let mut parts = line.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            let wanted = match self.controller {
+                Some(c) => controllers.split(',').any(|x| x == c),
+                None => controllers.is_empty(),
+            };
+            wanted.then(|| path.to_string())
+        })
+    }
+
+    /// Every process on the host with its cgroup in this hierarchy.
+    pub fn processes(&self) -> Vec<(u32, String)> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            if let Some(cgroup) = self.cgroup_of(pid) {
+                out.push((pid, cgroup));
+            }
+        }
+        out
+    }
+}
+
+/// The short command name of a process (/proc/<pid>/comm).
+pub fn comm(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
 /// CPU time of one process (all its threads), in seconds.
 #[derive(Clone, Copy, Debug)]
 pub struct Cpu {

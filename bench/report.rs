@@ -36,6 +36,8 @@ impl Samples {
             Pick::Min => v[0],
             // The lower median: always one of the measured values.
             Pick::P50 => v[(v.len() - 1) / 2],
+            // Nearest rank: the smallest value at or above 95 % of them.
+            Pick::P95 => v[(v.len() * 95).div_ceil(100).max(1) - 1],
             Pick::Max => v[v.len() - 1],
         })
     }
@@ -45,6 +47,7 @@ impl Samples {
 pub enum Pick {
     Min,
     P50,
+    P95,
     Max,
 }
 
@@ -53,6 +56,7 @@ impl Pick {
         match self {
             Pick::Min => "min",
             Pick::P50 => "p50",
+            Pick::P95 => "p95",
             Pick::Max => "max",
         }
     }
@@ -67,8 +71,12 @@ pub enum Unit {
 impl Unit {
     fn format(self, value: f64) -> String {
         match self {
+            Unit::Seconds if value < 0.001 => format!("{:.0} µs", value * 1e6),
+            Unit::Seconds if value < 0.01 => format!("{:.2} ms", value * 1000.0),
+            Unit::Seconds if value < 0.1 => format!("{:.1} ms", value * 1000.0),
             Unit::Seconds if value < 1.0 => format!("{:.0} ms", value * 1000.0),
             Unit::Seconds => format!("{value:.2} s"),
+            Unit::MiB if value.abs() < 1.0 => format!("{value:.2} MiB"),
             Unit::MiB => format!("{value:.1} MiB"),
         }
     }
@@ -97,6 +105,13 @@ impl Metric {
         match runtime {
             Runtime::Berth => self.berth.push(value),
             Runtime::Containerd => self.containerd.push(value),
+        }
+    }
+
+    pub fn samples(&self, runtime: Runtime) -> &Samples {
+        match runtime {
+            Runtime::Berth => &self.berth,
+            Runtime::Containerd => &self.containerd,
         }
     }
 
@@ -193,7 +208,14 @@ pub fn table(rows: &[Row<'_>]) -> String {
             m.berth.values().len().max(m.containerd.values().len()),
             cell(berth),
             cell(containerd),
-            ratio.map_or_else(|| "–".to_string(), |r| format!("{r:.2}")),
+            ratio.map_or_else(
+                || "–".to_string(),
+                |r| if r < 0.1 {
+                    format!("{r:.3}")
+                } else {
+                    format!("{r:.2}")
+                }
+            ),
             target
         );
     }

@@ -1,8 +1,11 @@
 #!/bin/sh
-# berth beside containerd: installs what is missing (the test prerequisites,
-# and containerd and runc from Debian), then runs the CRI benchmark, which
+# berth beside containerd: installs what is missing (the test prerequisites;
+# containerd, runc and the CNI plugins from Debian; gcc for the pause image;
+# iptables, which the CNI plugins run), then runs the CRI benchmark, which
 # builds berthd in release mode and prints one table. Needs root.
-#   scripts/bench.sh [--samples N] [--keep-logs DIR] [FILTER]
+#   scripts/bench.sh [--samples N] [--pods N] [--rounds N] [--many N]
+#                    [--net-samples N] [--keep-logs DIR] [FILTER]
+# FILTER: busybox, big (image pulls), pods, network; none runs everything.
 set -eu
 cd "$(dirname "$0")/.."
 
@@ -10,7 +13,7 @@ cd "$(dirname "$0")/.."
 scripts/install-deps.sh test
 
 need=""
-for p in containerd runc; do
+for p in containerd runc containernetworking-plugins gcc libc6-dev iptables; do
   dpkg -s "$p" >/dev/null 2>&1 || need="$need $p"
 done
 if [ -n "$need" ]; then

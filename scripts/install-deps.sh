@@ -6,10 +6,10 @@
 set -eu
 what=${1:-test}
 
-packages="protobuf-compiler gcc libc6-dev pkg-config"
+packages="protobuf-compiler gcc libc6-dev pkg-config libseccomp-dev"
 if [ "$what" = test ]; then
   # registry and image tools for fixtures, kernel tools the tests inspect with
-  packages="$packages docker-registry skopeo umoci busybox-static nftables iproute2 curl apache2-utils openssl attr"
+  packages="$packages docker-registry skopeo umoci busybox-static nftables iproute2 curl apache2-utils openssl attr containernetworking-plugins iptables"
 fi
 
 need=""

@@ -40,6 +40,7 @@ pub struct Config {
     pub runtime_handlers: Vec<RuntimeHandlerConfig>,
     pub images: ImageConfig,
     pub registries: RegistriesConfig,
+    pub stream: StreamConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,6 +142,35 @@ pub struct RegistryTls {
     pub insecure_skip_verify: bool,
 }
 
+/// The streaming server of exec, attach and port-forward (the URLs that
+/// Exec, Attach and PortForward return).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamConfig {
+    /// The IP address it listens on.
+    pub address: String,
+    /// Its TCP port; 0 picks a free one at start.
+    pub port: u16,
+    /// Serve HTTPS with this certificate chain and key (PEM); both or neither.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// A streaming connection with no traffic for this long is closed.
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        StreamConfig {
+            address: "127.0.0.1".to_string(),
+            port: 0,
+            tls_cert_file: None,
+            tls_key_file: None,
+            // containerd's stream_idle_timeout.
+            idle_timeout_secs: 4 * 60 * 60,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -154,6 +184,7 @@ impl Default for Config {
             runtime_handlers: vec![RuntimeHandlerConfig::default()],
             images: ImageConfig::default(),
             registries: RegistriesConfig::default(),
+            stream: StreamConfig::default(),
         }
     }
 }
@@ -267,6 +298,20 @@ impl Config {
         if self.images.pull_progress_timeout_secs == 0 {
             return invalid("images.pull_progress_timeout_secs: must be at least 1".to_string());
         }
+        if self.stream.address.parse::<std::net::IpAddr>().is_err() {
+            return invalid(format!(
+                "stream.address: {:?} is not an IP address",
+                self.stream.address
+            ));
+        }
+        if self.stream.tls_cert_file.is_some() != self.stream.tls_key_file.is_some() {
+            return invalid(
+                "stream.tls_cert_file and stream.tls_key_file: give both or neither".to_string(),
+            );
+        }
+        if self.stream.idle_timeout_secs == 0 {
+            return invalid("stream.idle_timeout_secs: must be at least 1".to_string());
+        }
         for (host, mirror) in &self.registries.mirrors {
             for endpoint in &mirror.endpoint {
                 if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
@@ -359,6 +404,9 @@ mod tests {
                 "registries: {mirrors: {docker.io: {endpoint: [127.0.0.1:5000]}}}",
                 "registries.mirrors.docker.io",
             ),
+            ("stream: {address: localhost}", "stream.address"),
+            ("stream: {tls_cert_file: /c.pem}", "stream.tls_key_file"),
+            ("stream: {idle_timeout_secs: 0}", "stream.idle_timeout_secs"),
         ] {
             let err = parse(yaml).expect_err(yaml).to_string();
             assert!(err.contains(key), "{yaml}: {err}");

@@ -10,3 +10,4 @@ pub mod monitor;
 
 pub mod runtime;
 pub mod store;
+pub mod stream;

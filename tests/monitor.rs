@@ -340,7 +340,7 @@ async fn a_created_container_waits_then_runs_logs_and_exits_with_its_code() {
     assert_eq!(bundle.log(), "", "nothing runs before start");
 
     let watch = connect(&bundle).await;
-    assert_eq!(watch.protocol_version(), 1);
+    assert_eq!(watch.protocol_version(), berth::monitor::PROTOCOL_VERSION);
     assert_eq!(watch.init_pid(), init);
     let mut control = connect(&bundle).await;
     assert_eq!(

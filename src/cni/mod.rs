@@ -1,7 +1,6 @@
 //! Pod networking behind one trait: the runtime asks for a pod's network to be
-//! set up in its pinned network namespace and torn down again. Until the
-//! built-in bridge network lands, `LoopbackOnly` gives pods loopback alone and
-//! readiness says so.
+//! set up in its pinned network namespace and torn down again. Implemented by
+//! the built-in bridge network and by CNI plugins.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -9,9 +8,13 @@ use std::path::PathBuf;
 use crate::runtime::pod::PortMapping;
 
 pub mod bridge;
+pub mod cache;
+pub mod cni_network;
+pub mod conf;
 pub mod ipam;
 pub mod netlink;
 pub mod nft;
+pub mod plugin;
 pub mod portmap;
 
 /// Whether pods can be given a network, with the reason when not.
@@ -69,7 +72,7 @@ pub struct PodNetworkStatus {
     pub ips: Vec<IpAddr>,
 }
 
-/// A pod network implementation (built-in bridge, CNI plugins, loopback only).
+/// A pod network implementation (built-in bridge or CNI plugins).
 pub trait PodNetwork: Send + Sync {
     fn readiness(&self) -> NetworkReadiness;
     /// Wires the pod's namespace; called on a blocking thread.
@@ -82,38 +85,4 @@ pub trait PodNetwork: Send + Sync {
     fn reconcile(&self, live: &[PodNetworkRequest]) -> Result<(), NetworkError>;
     /// Removes the node-wide objects (bridge, table) once no pod is left.
     fn remove_all(&self) -> Result<(), NetworkError>;
-}
-
-/// Pods get loopback only (it is brought up with the namespace), and the
-/// node says its network is not ready.
-pub struct LoopbackOnly;
-
-impl PodNetwork for LoopbackOnly {
-    fn readiness(&self) -> NetworkReadiness {
-        NetworkReadiness::NotReady {
-            reason: "NetworkNotImplemented".to_string(),
-            message: "berth's pod network is not implemented yet: pods get loopback only"
-                .to_string(),
-        }
-    }
-
-    fn set_up(&self, _pod: &PodNetworkRequest) -> Result<PodNetworkStatus, NetworkError> {
-        Ok(PodNetworkStatus::default())
-    }
-
-    fn tear_down(&self, _pod: &PodNetworkRequest) -> Result<(), NetworkError> {
-        Ok(())
-    }
-
-    fn describe(&self) -> serde_json::Value {
-        serde_json::json!({"type": "loopback-only"})
-    }
-
-    fn reconcile(&self, _live: &[PodNetworkRequest]) -> Result<(), NetworkError> {
-        Ok(())
-    }
-
-    fn remove_all(&self) -> Result<(), NetworkError> {
-        Ok(())
-    }
 }

@@ -366,19 +366,90 @@ impl RuntimeService for CriService {
     }
 
     async fn exec(&self, req: Request<ExecRequest>) -> Reply<ExecResponse> {
-        let id = req.get_ref().container_id.clone();
-        traced("Exec", &id, async { Err(unimplemented("Exec")) }).await
+        let req = req.into_inner();
+        traced("Exec", &req.container_id.clone(), async {
+            let stream_error = |e: crate::stream::StreamError| match e {
+                crate::stream::StreamError::InvalidArgument(m) => Status::invalid_argument(m),
+                other => Status::resource_exhausted(other.to_string()),
+            };
+            let server = self
+                .stream
+                .get()
+                .ok_or_else(|| Status::unavailable("the streaming server is not running"))?;
+            let view = self
+                .runtime
+                .running_container(&req.container_id)
+                .map_err(runtime_status)?;
+            let url = server
+                .exec(crate::stream::ExecRequest {
+                    container_id: view.record.id,
+                    cmd: req.cmd,
+                    tty: req.tty,
+                    stdin: req.stdin,
+                    stdout: req.stdout,
+                    stderr: req.stderr,
+                })
+                .map_err(stream_error)?;
+            Ok(Response::new(ExecResponse { url }))
+        })
+        .await
     }
 
     async fn attach(&self, req: Request<AttachRequest>) -> Reply<AttachResponse> {
-        let id = req.get_ref().container_id.clone();
-        traced("Attach", &id, async { Err(unimplemented("Attach")) }).await
+        let req = req.into_inner();
+        traced("Attach", &req.container_id.clone(), async {
+            let stream_error = |e: crate::stream::StreamError| match e {
+                crate::stream::StreamError::InvalidArgument(m) => Status::invalid_argument(m),
+                other => Status::resource_exhausted(other.to_string()),
+            };
+            let server = self
+                .stream
+                .get()
+                .ok_or_else(|| Status::unavailable("the streaming server is not running"))?;
+            let view = self
+                .runtime
+                .running_container(&req.container_id)
+                .map_err(runtime_status)?;
+            let url = server
+                .attach(crate::stream::AttachRequest {
+                    container_id: view.record.id,
+                    tty: req.tty,
+                    stdin: req.stdin,
+                    stdout: req.stdout,
+                    stderr: req.stderr,
+                })
+                .map_err(stream_error)?;
+            Ok(Response::new(AttachResponse { url }))
+        })
+        .await
     }
 
     async fn port_forward(&self, req: Request<PortForwardRequest>) -> Reply<PortForwardResponse> {
-        let id = req.get_ref().pod_sandbox_id.clone();
-        traced("PortForward", &id, async {
-            Err(unimplemented("PortForward"))
+        let req = req.into_inner();
+        traced("PortForward", &req.pod_sandbox_id.clone(), async {
+            let stream_error = |e: crate::stream::StreamError| match e {
+                crate::stream::StreamError::InvalidArgument(m) => Status::invalid_argument(m),
+                other => Status::resource_exhausted(other.to_string()),
+            };
+            let server = self
+                .stream
+                .get()
+                .ok_or_else(|| Status::unavailable("the streaming server is not running"))?;
+            // The pod must exist and be ready now; the session checks again.
+            self.runtime
+                .port_forward_target(&req.pod_sandbox_id)
+                .map_err(runtime_status)?;
+            let pod = self
+                .runtime
+                .pod(&req.pod_sandbox_id)
+                .map_err(runtime_status)?;
+            let url = server
+                .port_forward(crate::stream::PortForwardRequest {
+                    pod_id: pod.id,
+                    ports: req.port,
+                })
+                .map_err(stream_error)?;
+            Ok(Response::new(PortForwardResponse { url }))
         })
         .await
     }

@@ -160,7 +160,7 @@ impl MonitorConnection {
         }
     }
 
-    async fn call(
+    pub(super) async fn call(
         &mut self,
         kind: pb::request::Kind,
         request: &'static str,
@@ -213,6 +213,17 @@ impl MonitorConnection {
             bundle: self.bundle.clone(),
             reason,
         }
+    }
+}
+
+impl MonitorConnection {
+    pub(super) fn bundle(&self) -> &Path {
+        &self.bundle
+    }
+
+    /// The connection's parts, for a session that takes it over (attach).
+    pub(super) fn into_parts(self) -> (PathBuf, UnixStream) {
+        (self.bundle, self.stream)
     }
 }
 
@@ -300,7 +311,7 @@ pub async fn exec_sync(
 }
 
 /// The helper's own failure message, if the exit was one of its own.
-fn helper_error(exit_code: i32, stderr: &[u8]) -> Option<String> {
+pub(super) fn helper_error(exit_code: i32, stderr: &[u8]) -> Option<String> {
     let own = [EXIT_TIMEOUT, EXIT_SETUP, EXIT_CANNOT_EXEC, EXIT_NOT_FOUND].contains(&exit_code);
     let text = std::str::from_utf8(stderr).ok()?;
     let message = text.strip_prefix(ERROR_PREFIX).filter(|_| own)?;

@@ -3,6 +3,7 @@
 //! child is inside the pid namespace, gives the child the container process's
 //! user, groups, capabilities, rlimits and environment, and exits with the
 //! child's exit code. Its own failures go to stderr behind [`ERROR_PREFIX`].
+//! For a streaming Exec it relays the command's stdio ([`exec_stream`]).
 
 use std::fs::File;
 use std::os::fd::AsFd;
@@ -20,7 +21,10 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, fork, getpid, getppid, pipe2};
 use oci_spec::runtime::{Process, Spec};
 
+use super::exec_stream::{self, StreamMode, StreamStdio};
+use super::init::{load_seccomp, seccomp_program};
 use super::{MonitorConfig, Step, StepError, process};
+use crate::runtime::seccomp::Program;
 
 /// Starts every line exec-in writes about its own failure.
 pub(crate) const ERROR_PREFIX: &str = "berthd exec-in: ";
@@ -83,9 +87,16 @@ fn run(
     let spec: Spec = super::read_bundle_json(&bundle.join(super::CONFIG_FILE))?;
     let config: MonitorConfig = super::read_bundle_json(&bundle.join(super::MONITOR_CONFIG_FILE))?;
     let process = spec.process().clone().unwrap_or_default();
+    // The container's seccomp filter, read while the bundle is in sight.
+    let seccomp = seccomp_program(&spec, Some(bundle))?;
+    let mode = StreamMode::from_env();
     let mut chld = SigSet::empty();
     chld.add(Signal::SIGCHLD);
-    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&chld), None).step(|| "block SIGCHLD".into())?;
+    // SIGPIPE too: a command that closes its stdin must not kill the relay.
+    // The child unblocks every signal before exec.
+    let mut blocked = chld;
+    blocked.add(Signal::SIGPIPE);
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&blocked), None).step(|| "block signals".into())?;
     let signals = SignalFd::with_flags(&chld, SfdFlags::SFD_CLOEXEC).step(|| "signalfd".into())?;
     // Open them all while /proc is still the host's.
     let mut namespaces = Vec::new();
@@ -119,12 +130,18 @@ fn run(
         .any(|(_, flag, _)| *flag == CloneFlags::CLONE_NEWPID);
     let parent = if joined_pid_ns { Pid::from_raw(0) } else { me };
     drop(namespaces);
+    // Streaming stdio; in the container's mount namespace now, so a terminal
+    // comes from its own devpts.
+    let stdio = mode.map(StreamStdio::open).transpose()?;
     let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC).step(|| "pipe".into())?;
     // SAFETY: exec-in runs before any other thread exists.
     match unsafe { fork() }.step(|| "fork".into())? {
         ForkResult::Child => {
             drop(err_r);
-            let message = exec_child(&process, args, parent);
+            let message = match stdio.map(StreamStdio::install).transpose() {
+                Ok(_) => exec_child(&process, args, parent, seccomp.as_ref()),
+                Err(e) => e.to_string(),
+            };
             let code = if message.contains("executable file not found") {
                 EXIT_NOT_FOUND
             } else {
@@ -135,14 +152,31 @@ fn run(
         }
         ForkResult::Parent { child } => {
             drop(err_w);
-            wait_child(child, &signals, &File::from(err_r), timeout)
+            let Some(stdio) = stdio else {
+                return wait_child(child, &signals, &File::from(err_r), timeout);
+            };
+            let (code, message) = exec_stream::relay(stdio, child, &signals, &File::from(err_r))?;
+            if !message.is_empty() {
+                return Err(Failure {
+                    code,
+                    message: String::from_utf8_lossy(&message).into_owned(),
+                });
+            }
+            Ok(code)
         }
     }
 }
 
 /// The child: becomes the container's process and execs; returns the error.
-/// `parent` is the parent's pid as the child sees it.
-fn exec_child(process: &Process, args: &[String], parent: Pid) -> String {
+/// `parent` is the parent's pid as the child sees it. The seccomp filter is
+/// loaded as the init loads it: last, or before the capability drop when
+/// no_new_privs is off.
+fn exec_child(
+    process: &Process,
+    args: &[String],
+    parent: Pid,
+    seccomp: Option<&Program>,
+) -> String {
     let setup = || -> Result<(), StepError> {
         nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).step(|| "set pdeathsig".into())?;
         if getppid() != parent {
@@ -152,12 +186,20 @@ fn exec_child(process: &Process, args: &[String], parent: Pid) -> String {
         process::set_rlimits(process)?;
         process::set_oom_score_adj(process.oom_score_adj())?;
         process::set_no_new_privs(process)?;
+        let seccomp_last = process.no_new_privileges() == Some(true);
+        if !seccomp_last {
+            load_seccomp(seccomp)?;
+        }
         process::set_identity(process)?;
         // A change of credentials clears the parent-death signal.
         nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).step(|| "set pdeathsig".into())?;
         process::chdir(process)?;
         process::set_umask(process);
-        process::cloexec_above_stdio()
+        process::cloexec_above_stdio()?;
+        if seccomp_last {
+            load_seccomp(seccomp)?;
+        }
+        Ok(())
     };
     if let Err(e) = setup() {
         return e.to_string();

@@ -2,7 +2,10 @@
 //! namespaces, builds its filesystem, takes on its process settings, reports
 //! "created", waits for start and execs. Its steps, top to bottom, are the
 //! list in [`create_and_exec`]; security profiles (seccomp, AppArmor,
-//! SELinux) will go into [`apply_security`], right before exec.
+//! SELinux) go into [`apply_security`], right before exec. Seccomp is the
+//! exception when no_new_privs is off: loading a filter then needs
+//! CAP_SYS_ADMIN, so it is loaded before the uid change and the capability
+//! drop, as runc does (see `runtime::seccomp`).
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -17,6 +20,7 @@ use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
 use super::sync::{FromInit, FromMonitor, SyncSocket};
 use super::{MonitorConfig, Step, StepError, process, rootfs};
+use crate::runtime::seccomp::{self, Program};
 
 /// The init's standard streams as the monitor made them: pipe ends or
 /// /dev/null (with a terminal, /dev/null until the pty exists).
@@ -82,6 +86,9 @@ fn create_and_exec(
     }
     set_stdio(stdio)?;
     setsid().step(|| "setsid".into())?;
+    // While the bundle is still in sight: berth's bundle holds the rootfs.
+    let compiled = spec.root().as_ref().and_then(|r| r.path().parent());
+    let seccomp = seccomp_program(spec, compiled)?;
     let owns_uts = enter_namespaces(spec)?;
     let root = rootfs::root_path(spec)?;
     rootfs::prepare(spec, &root, &super::cgroup_dirs(config))?;
@@ -99,6 +106,10 @@ fn create_and_exec(
     process::set_rlimits(process)?;
     process::set_oom_score_adj(process.oom_score_adj())?;
     process::set_no_new_privs(process)?;
+    let seccomp_last = process.no_new_privileges() == Some(true);
+    if !seccomp_last {
+        load_seccomp(seccomp.as_ref())?;
+    }
     process::set_identity(process)?;
     process::chdir(process)?;
     process::set_umask(process);
@@ -108,7 +119,9 @@ fn create_and_exec(
         Some(FromMonitor::Start) => {}
         _ => return Err(Failure::MonitorGone),
     }
-    apply_security(spec)?;
+    // Past Start a failure is the start's: kubelet shows it as StartError.
+    apply_security(spec, seccomp.as_ref().filter(|_| seccomp_last))
+        .map_err(|e| Failure::Exec(e.to_string()))?;
     let args = process.args().as_deref().unwrap_or_default();
     let env = process.env().as_deref().unwrap_or_default();
     Err(Failure::Exec(process::exec(args, env)))
@@ -241,10 +254,37 @@ fn open_terminal(sync: &SyncSocket) -> Result<(), StepError> {
     })
 }
 
-/// Security profiles, applied as late as possible before exec: seccomp
-/// (linux.seccomp), AppArmor (process.apparmorProfile) and SELinux
-/// (process.selinuxLabel) come here in a later change and are ignored until
-/// then.
-fn apply_security(_spec: &Spec) -> Result<(), StepError> {
-    Ok(())
+/// Security profiles, applied as late as possible before exec: the seccomp
+/// filter when no_new_privs is on (else it is loaded already); AppArmor
+/// (process.apparmorProfile) and SELinux (process.selinuxLabel) come here in
+/// a later change and are ignored until then.
+fn apply_security(_spec: &Spec, seccomp: Option<&Program>) -> Result<(), StepError> {
+    load_seccomp(seccomp)
+}
+
+/// The spec's seccomp filter, if it has `linux.seccomp`: the program berthd
+/// compiled into `bundle` if it is this profile's, else compiled now.
+pub(super) fn seccomp_program(
+    spec: &Spec,
+    bundle: Option<&Path>,
+) -> Result<Option<Program>, StepError> {
+    let Some(profile) = spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()) else {
+        return Ok(None);
+    };
+    let compiled = bundle.map(|dir| dir.join(seccomp::PROGRAM_FILE));
+    seccomp::program_for(profile, compiled.as_deref())
+        .map(Some)
+        .map_err(std::io::Error::other)
+        .step(|| "linux.seccomp".into())
+}
+
+/// Loads the seccomp filter into this process (inherited across exec).
+pub(super) fn load_seccomp(program: Option<&Program>) -> Result<(), StepError> {
+    match program {
+        Some(program) => program
+            .install()
+            .map_err(std::io::Error::other)
+            .step(|| "linux.seccomp".into()),
+        None => Ok(()),
+    }
 }

@@ -1,20 +1,25 @@
 //! The per-container monitor: `berthd monitor --bundle DIR` creates the
-//! container (init set up fully, waiting for start), holds its stdio, writes
-//! the CRI log, reaps it and records its exit; plus the `exec-in` helper and
-//! the berthd-side client that drives both.
+//! container (init set up fully, waiting for start), holds its stdio (and
+//! shares it with attached clients), writes the CRI log, reaps it and records
+//! its exit; plus the `exec-in` helper and the berthd-side client that drives
+//! both.
 //!
 //! A bundle directory holds what berthd writes (`config.json`, an OCI runtime
 //! spec whose root is already mounted, and `monitor.json`) and what the monitor
 //! writes (`status.json`, `monitor.sock`, `monitor.log`).
 
+mod attach;
 mod caps;
 pub mod client;
 mod exec;
+mod exec_frame;
+mod exec_stream;
 mod init;
 pub mod log;
 mod process;
 pub mod protocol;
 mod rootfs;
+mod session;
 mod supervisor;
 mod sync;
 
@@ -26,11 +31,17 @@ use serde::{Deserialize, Serialize};
 
 pub use client::{ExecOutput, MonitorConnection, exec_sync, launch, read_status};
 pub use exec::exec_in;
+pub use session::{
+    AttachInput, AttachOutput, AttachStreams, ExecInput, ExecOutputStream, ExecProcess,
+    ExecStreams, OutputChunk, StreamingExec, exec_stream,
+};
 
 use crate::store::StoreError;
 
 /// Version of the control protocol this monitor speaks (proto/monitor.proto).
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
+/// The first protocol version with Attach.
+pub const ATTACH_PROTOCOL_VERSION: u32 = 2;
 /// The OCI runtime spec berthd writes into the bundle.
 pub const CONFIG_FILE: &str = "config.json";
 /// The monitor's own settings ([`MonitorConfig`]), written by berthd.
@@ -257,6 +268,6 @@ mod tests {
         status.state = ContainerState::Exited;
         let json = serde_json::to_value(&status).expect("serialize");
         assert_eq!(json["state"], "exited");
-        assert_eq!(json["protocol"], 1);
+        assert_eq!(json["protocol"], PROTOCOL_VERSION);
     }
 }

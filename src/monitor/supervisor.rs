@@ -1,7 +1,8 @@
 //! The monitor process: detached from berthd, it forks the container init,
 //! puts it into its cgroups, reports "created" to the launcher, then runs a
-//! poll loop that logs the container's output, serves the control socket,
-//! reaps children and, once the init has exited, records the exit in
+//! poll loop that logs the container's output (and hands it to attached
+//! clients), feeds their input to the container's stdin, serves the control
+//! socket, reaps children and, once the init has exited, records the exit in
 //! status.json, closes every connection and exits.
 
 use std::fs::{self, File, OpenOptions};
@@ -22,6 +23,7 @@ use nix::unistd::{ForkResult, Pid, fork, pipe2};
 use oci_spec::runtime::Spec;
 use prost::Message;
 
+use super::attach::{self, Attached};
 use super::init::{self, InitStdio};
 use super::log::{CriLog, Stream};
 use super::protocol::{self, pb};
@@ -166,7 +168,7 @@ struct Spawned {
     pid: Pid,
     sync: SyncSocket,
     /// Write end of the container's stdin pipe, or the pty master.
-    _stdin: Option<OwnedFd>,
+    stdin: Option<OwnedFd>,
     stdout: Option<OwnedFd>,
     stderr: Option<OwnedFd>,
 }
@@ -175,6 +177,8 @@ struct Client {
     id: u64,
     stream: UnixStream,
     buf: Vec<u8>,
+    /// Set once the client attached: its connection carries AttachFrames.
+    attach: Option<Attached>,
 }
 
 /// What a poll entry stands for.
@@ -183,6 +187,8 @@ enum Source {
     Sync,
     Signals,
     Output(Stream),
+    /// The container's stdin can take the pending input.
+    Stdin,
     Listener,
     Client(u64),
 }
@@ -194,7 +200,12 @@ struct Monitor {
     init: Pid,
     /// Until the init's exec succeeded or it died.
     sync: Option<SyncSocket>,
-    _stdin: Option<OwnedFd>,
+    /// The container's stdin (non-blocking): pipe write end or pty master.
+    stdin: Option<OwnedFd>,
+    /// Input of attached clients not yet taken by the container.
+    stdin_pending: Vec<u8>,
+    /// Close stdin once the pending input is written (stdin_once).
+    stdin_closing: bool,
     stdout: Option<OwnedFd>,
     stderr: Option<OwnedFd>,
     log: CriLog,
@@ -250,7 +261,9 @@ impl Monitor {
             status,
             init: spawned.pid,
             sync: Some(spawned.sync),
-            _stdin: spawned._stdin,
+            stdin: spawned.stdin,
+            stdin_pending: Vec::new(),
+            stdin_closing: false,
             stdout: spawned.stdout,
             stderr: spawned.stderr,
             log,
@@ -278,13 +291,23 @@ impl Monitor {
                     continue;
                 }
             };
-            for (source, _) in ready {
+            for (source, events) in ready {
                 match source {
                     Source::Sync => self.on_sync(),
                     Source::Signals => self.on_signal(),
                     Source::Output(stream) => self.on_output(stream),
+                    Source::Stdin => self.flush_stdin(),
                     Source::Listener => self.on_accept(),
-                    Source::Client(id) => self.on_client(id),
+                    Source::Client(id) => {
+                        if events.contains(PollFlags::POLLOUT) {
+                            self.flush_client(id);
+                        }
+                        if events
+                            .intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR)
+                        {
+                            self.on_client(id);
+                        }
+                    }
                 }
             }
         }
@@ -310,11 +333,26 @@ impl Monitor {
             sources.push(Source::Output(Stream::Stderr));
             fds.push(PollFd::new(err.as_fd(), flags));
         }
+        if let Some(stdin) = &self.stdin
+            && !self.stdin_pending.is_empty()
+        {
+            sources.push(Source::Stdin);
+            fds.push(PollFd::new(stdin.as_fd(), PollFlags::POLLOUT));
+        }
         sources.push(Source::Listener);
         fds.push(PollFd::new(self.listener.as_fd(), flags));
+        // Input waits while the container does not take what it has.
+        let take_input = self.stdin_pending.len() < attach::MAX_STDIN_PENDING;
         for client in &self.clients {
+            let mut events = PollFlags::empty();
+            if client.attach.is_none() || take_input {
+                events |= flags;
+            }
+            if client.attach.as_ref().is_some_and(|a| !a.out.is_empty()) {
+                events |= PollFlags::POLLOUT;
+            }
             sources.push(Source::Client(client.id));
-            fds.push(PollFd::new(client.stream.as_fd(), flags));
+            fds.push(PollFd::new(client.stream.as_fd(), events));
         }
         match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) | Err(Errno::EINTR) => {}
@@ -383,6 +421,7 @@ impl Monitor {
             Ok(0) => false,
             Ok(n) => {
                 self.log.write(stream, &buf[..n]);
+                self.fan_out(stream, &buf[..n]);
                 true
             }
             Err(Errno::EAGAIN | Errno::EINTR) => true,
@@ -411,6 +450,7 @@ impl Monitor {
                         id,
                         stream,
                         buf: Vec::new(),
+                        attach: None,
                     };
                     let hello = pb::Hello {
                         protocol_version: super::PROTOCOL_VERSION,
@@ -452,6 +492,7 @@ impl Monitor {
             let Some(client) = self.clients.iter_mut().find(|c| c.id == id) else {
                 return;
             };
+            let attached = client.attach.is_some();
             let body = match protocol::take_frame(&mut client.buf) {
                 Ok(Some(body)) => body,
                 Ok(None) => return,
@@ -461,6 +502,10 @@ impl Monitor {
                     return;
                 }
             };
+            if attached {
+                self.on_attach_frame(id, &body);
+                continue;
+            }
             if let Some(response) = self.handle(id, &body) {
                 self.send(id, &response);
             }
@@ -488,6 +533,10 @@ impl Monitor {
                 .reopen()
                 .map_err(|e| format!("reopen {}: {e}", self.config.log_path.display())),
             Some(pb::request::Kind::Status(_)) => Ok(()),
+            Some(pb::request::Kind::Attach(request)) => match self.attach(id, request) {
+                Ok(()) => return None,
+                Err(e) => Err(e),
+            },
         };
         Some(self.response(result))
     }
@@ -515,8 +564,166 @@ impl Monitor {
     }
 
     fn drop_client(&mut self, id: u64) {
+        let input_open = self
+            .clients
+            .iter()
+            .find(|c| c.id == id)
+            .and_then(|c| c.attach.as_ref())
+            .is_some_and(|a| a.stdin && !a.stdin_closed);
         self.clients.retain(|c| c.id != id);
         self.start_waiters.retain(|&w| w != id);
+        if input_open {
+            self.on_input_ended();
+        }
+    }
+
+    /// Turns the connection of client `id` into an attach session; the ok
+    /// response goes out before any output.
+    fn attach(&mut self, id: u64, request: pb::AttachRequest) -> Result<(), String> {
+        if self.init_exit.is_some() || self.status.state == ContainerState::Exited {
+            return Err("container has exited".into());
+        }
+        let response = self.response(Ok(()));
+        self.send(id, &response);
+        let Some(client) = self.clients.iter_mut().find(|c| c.id == id) else {
+            return Ok(());
+        };
+        if let Err(e) = client.stream.set_nonblocking(true) {
+            log_line(&format!("client {id}: set non-blocking: {e}"));
+            self.drop_client(id);
+            return Ok(());
+        }
+        client.attach = Some(Attached::new(&request, self.config.tty));
+        Ok(())
+    }
+
+    fn on_attach_frame(&mut self, id: u64, body: &[u8]) {
+        let frame = match pb::AttachFrame::decode(body) {
+            Ok(frame) => frame,
+            Err(e) => {
+                log_line(&format!("client {id}: bad attach frame: {e}"));
+                self.drop_client(id);
+                return;
+            }
+        };
+        let Some(attached) = self
+            .clients
+            .iter_mut()
+            .find(|c| c.id == id)
+            .and_then(|c| c.attach.as_mut())
+        else {
+            return;
+        };
+        match frame.kind {
+            Some(pb::attach_frame::Kind::Stdin(data)) => {
+                if attached.stdin && !attached.stdin_closed && self.stdin.is_some() {
+                    self.stdin_pending.extend_from_slice(&data);
+                    self.flush_stdin();
+                }
+            }
+            Some(pb::attach_frame::Kind::CloseStdin(_)) => {
+                if attached.stdin && !attached.stdin_closed {
+                    attached.stdin_closed = true;
+                    self.on_input_ended();
+                }
+            }
+            Some(pb::attach_frame::Kind::Resize(size)) => {
+                if self.config.tty
+                    && let Some(pty) = self.stdin.as_ref().or(self.stdout.as_ref())
+                    && let Err(e) = attach::set_terminal_size(pty, size.width, size.height)
+                {
+                    log_line(&format!("resize the terminal: {e}"));
+                }
+            }
+            // Output kinds and kinds of a newer client: nothing to do.
+            Some(pb::attach_frame::Kind::Stdout(_) | pb::attach_frame::Kind::Stderr(_)) | None => {}
+        }
+    }
+
+    /// An attached client's input ended: with stdin_once (and no terminal,
+    /// as containerd does) the container's stdin closes.
+    fn on_input_ended(&mut self) {
+        if self.config.stdin_once && !self.config.tty && self.stdin.is_some() {
+            self.stdin_closing = true;
+            self.flush_stdin();
+        }
+    }
+
+    /// Writes pending input to the container's stdin, as much as it takes.
+    fn flush_stdin(&mut self) {
+        let Some(stdin) = &self.stdin else {
+            self.stdin_pending.clear();
+            return;
+        };
+        while !self.stdin_pending.is_empty() {
+            match nix::unistd::write(stdin, &self.stdin_pending) {
+                Ok(n) => {
+                    self.stdin_pending.drain(..n);
+                }
+                Err(Errno::EINTR) => {}
+                Err(Errno::EAGAIN) => return,
+                Err(e) => {
+                    // EPIPE: nobody reads the container's stdin any more.
+                    if e != Errno::EPIPE {
+                        log_line(&format!("write the container's stdin: {e}"));
+                    }
+                    self.stdin_pending.clear();
+                    self.stdin = None;
+                    return;
+                }
+            }
+        }
+        if self.stdin_closing {
+            self.stdin = None;
+        }
+    }
+
+    /// Hands output to every client attached to `stream`.
+    fn fan_out(&mut self, stream: Stream, data: &[u8]) {
+        let mut frame = None;
+        let mut slow = Vec::new();
+        for client in &mut self.clients {
+            let Some(attached) = client.attach.as_mut() else {
+                continue;
+            };
+            if !attached.wants(stream) {
+                continue;
+            }
+            let frame = frame.get_or_insert_with(|| attach::output_frame(stream, data));
+            if !attached.queue(frame) {
+                slow.push(client.id);
+            }
+        }
+        for id in slow {
+            log_line(&format!(
+                "attached client {id} does not take its output; disconnecting it"
+            ));
+            self.drop_client(id);
+        }
+        if frame.is_some() {
+            let ids: Vec<u64> = self
+                .clients
+                .iter()
+                .filter(|c| c.attach.as_ref().is_some_and(|a| !a.out.is_empty()))
+                .map(|c| c.id)
+                .collect();
+            for id in ids {
+                self.flush_client(id);
+            }
+        }
+    }
+
+    /// Writes an attached client's pending output, as much as it takes.
+    fn flush_client(&mut self, id: u64) {
+        let Some(client) = self.clients.iter_mut().find(|c| c.id == id) else {
+            return;
+        };
+        let Some(attached) = client.attach.as_mut() else {
+            return;
+        };
+        if attached.flush(&mut client.stream).is_err() {
+            self.drop_client(id);
+        }
     }
 
     /// Releases the init to exec; the answer waits for the outcome.
@@ -596,6 +803,11 @@ impl Monitor {
             }
         }
         self.log.finish();
+        for client in &mut self.clients {
+            if let Some(attached) = client.attach.as_mut() {
+                attached.flush_before_close(&mut client.stream);
+            }
+        }
         let status = &mut self.status;
         status.state = ContainerState::Exited;
         status.finished_at = now_nanos();
@@ -711,13 +923,13 @@ fn spawn(spec: &Spec, config: &MonitorConfig) -> Result<Spawned, StepError> {
                 }
                 None => (stdin, stdout),
             };
-            for fd in [&stdout, &stderr].into_iter().flatten() {
+            for fd in [&stdin, &stdout, &stderr].into_iter().flatten() {
                 fcntl(fd, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).step(|| "set O_NONBLOCK".into())?;
             }
             Ok(Spawned {
                 pid,
                 sync: monitor_end,
-                _stdin: stdin,
+                stdin,
                 stdout,
                 stderr,
             })

@@ -1163,6 +1163,87 @@ fn pod_namespace_kinds(config: &PodConfig) -> Vec<NamespaceKind> {
     kinds
 }
 
+/// What an attach needs to know of the container it joined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttachInfo {
+    /// The container runs on a terminal: all its output is stdout.
+    pub tty: bool,
+    /// The container's stdin closes when the first attached client's ends.
+    pub stdin_once: bool,
+}
+
+/// Where a pod's port-forward connects: inside its network namespace, or on
+/// the host for a pod on the host's network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortForwardTarget {
+    Netns(PathBuf),
+    Host,
+}
+
+/// The streaming server's view: exec, attach and port-forward.
+impl Runtime {
+    /// The container a stream (exec, attach) joins: it must be running.
+    pub fn running_container(&self, given: &str) -> Result<ContainerView, RuntimeError> {
+        let (id, view, _) = self.entry(given)?;
+        if view.state() != ContainerState::Running {
+            return Err(RuntimeError::FailedPrecondition(format!(
+                "container {id} is not running"
+            )));
+        }
+        Ok(view)
+    }
+
+    /// Starts `args` in the container with its stdio streamed.
+    pub async fn exec_stream(
+        &self,
+        given: &str,
+        args: &[String],
+        streams: monitor::ExecStreams,
+    ) -> Result<monitor::StreamingExec, RuntimeError> {
+        let view = self.running_container(given)?;
+        if args.is_empty() {
+            return Err(RuntimeError::InvalidArgument(
+                "no command to exec".to_string(),
+            ));
+        }
+        let bundle = self.container_paths(&view.record.id).bundle;
+        Ok(monitor::exec_stream(&self.exe, &bundle, view.status.init_pid, args, streams).await?)
+    }
+
+    /// Joins the container's stdio through its monitor.
+    pub async fn attach(
+        &self,
+        given: &str,
+        streams: monitor::AttachStreams,
+    ) -> Result<(monitor::AttachOutput, monitor::AttachInput, AttachInfo), RuntimeError> {
+        let view = self.running_container(given)?;
+        let bundle = self.container_paths(&view.record.id).bundle;
+        let conn = MonitorConnection::connect(&bundle).await?;
+        let (output, input) = conn.attach(streams).await?;
+        let info = AttachInfo {
+            tty: view.record.config.tty,
+            stdin_once: view.record.config.stdin_once,
+        };
+        Ok((output, input, info))
+    }
+
+    /// Where a port-forward to the pod connects; the pod must be ready.
+    pub fn port_forward_target(&self, pod_given: &str) -> Result<PortForwardTarget, RuntimeError> {
+        let pod = self.pod(pod_given)?;
+        if pod.state != PodState::Ready {
+            return Err(RuntimeError::FailedPrecondition(format!(
+                "pod sandbox {} is not ready",
+                pod.id
+            )));
+        }
+        Ok(if pod.config.namespaces.network == NamespaceMode::Node {
+            PortForwardTarget::Host
+        } else {
+            PortForwardTarget::Netns(self.pod_paths(&pod.id).ns.join("net"))
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

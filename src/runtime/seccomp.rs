@@ -828,8 +828,10 @@ pub fn filter_flags(profile: &LinuxSeccomp) -> u32 {
 /// Compiles the profile for this host's architecture into a BPF program:
 /// `struct sock_filter` entries in host byte order, ready for [`install`].
 /// As runc does: syscall names this libseccomp does not know are skipped,
-/// rules whose action is the default action are skipped, and the
-/// architectures listed are added to the native one.
+/// rules whose action is the default action are skipped, the architectures
+/// listed are added to the native one, and syscalls newer than any the
+/// profile names fail with ENOSYS rather than the default action
+/// ([`enosys_stub`]).
 pub fn compile(profile: &LinuxSeccomp) -> Result<Vec<u8>, SeccompError> {
     check(profile)?;
     let failed = |what: String| {
@@ -879,14 +881,16 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<Vec<u8>, SeccompError> {
             }
         }
     }
-    let bpf = export(&filter)?;
-    let instructions = bpf.len() / INSTRUCTION;
-    if bpf.is_empty() || bpf.len() % INSTRUCTION != 0 {
+    let exported = export(&filter)?;
+    if exported.is_empty() || !exported.len().is_multiple_of(INSTRUCTION) {
         return Err(SeccompError::Compile(format!(
             "libseccomp produced {} bytes, not a BPF program",
-            bpf.len()
+            exported.len()
         )));
     }
+    let mut bpf = enosys_stub(profile, default);
+    bpf.extend_from_slice(&exported);
+    let instructions = bpf.len() / INSTRUCTION;
     if instructions > MAX_INSTRUCTIONS {
         return Err(SeccompError::Compile(format!(
             "the program has {instructions} instructions; the kernel takes at most {MAX_INSTRUCTIONS}"
@@ -914,6 +918,123 @@ fn export(filter: &ScmpFilterContext) -> Result<Vec<u8>, SeccompError> {
     file.read_to_end(&mut bpf)
         .map_err(io("read the exported program"))?;
     Ok(bpf)
+}
+
+// ---------------------------------------------------------------------------
+// ENOSYS for syscalls the profile cannot know.
+
+/// Offsets in `struct seccomp_data`.
+const DATA_NR: u32 = 0;
+const DATA_ARCH: u32 = 4;
+/// AUDIT_ARCH_* of the architectures whose syscall ranges the stub checks.
+const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+const AUDIT_ARCH_I386: u32 = 0x4000_0003;
+const AUDIT_ARCH_AARCH64: u32 = 0xc000_00b7;
+const AUDIT_ARCH_ARM: u32 = 0x4000_0028;
+/// x32 syscalls arrive as x86_64 ones with this bit set.
+const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+const LD_ABS_W: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+const JA: u16 = (libc::BPF_JMP | libc::BPF_JA) as u16;
+const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+const JGT_K: u16 = (libc::BPF_JMP | libc::BPF_JGT | libc::BPF_K) as u16;
+const JSET_K: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
+const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+const RET_ERRNO_ENOSYS: u32 = libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
+
+/// The highest syscall number among the profile's names on `arch`.
+fn highest_syscall(profile: &LinuxSeccomp, arch: ScmpArch) -> Option<u32> {
+    profile
+        .syscalls()
+        .iter()
+        .flatten()
+        .flat_map(|rule| rule.names())
+        .filter_map(|name| ScmpSyscall::from_name_by_arch(name, arch).ok())
+        .filter_map(|nr| u32::try_from(nr.as_raw_syscall()).ok())
+        .max()
+}
+
+/// A prologue for the libseccomp program, as runc's patchbpf adds one: a
+/// syscall numbered above every syscall the profile names (one newer than
+/// the profile, or than this libseccomp) fails with ENOSYS, as on a kernel
+/// without it, instead of the default action; programs then take their
+/// fallbacks, as glibc does for clone3. Nothing when the default action lets
+/// syscalls through. Architectures other than x86 and arm are left alone.
+fn enosys_stub(profile: &LinuxSeccomp, default: ScmpAction) -> Vec<u8> {
+    if matches!(
+        default,
+        ScmpAction::Allow | ScmpAction::Log | ScmpAction::Trace(_)
+    ) {
+        return Vec::new();
+    }
+    let mut archs: Vec<ScmpArch> = profile
+        .architectures()
+        .iter()
+        .flatten()
+        .map(|a| scmp_arch(*a))
+        .filter(|a| *a != ScmpArch::Native)
+        .collect();
+    archs.push(ScmpArch::native());
+    let highest = |arch: ScmpArch| {
+        if archs.contains(&arch) {
+            highest_syscall(profile, arch)
+        } else {
+            None
+        }
+    };
+    // (audit arch, highest syscall, highest x32 syscall if x32 is filtered too)
+    let mut sections: Vec<(u32, u32, Option<u32>)> = Vec::new();
+    match (highest(ScmpArch::X8664), highest(ScmpArch::X32)) {
+        (Some(nr), x32) => sections.push((AUDIT_ARCH_X86_64, nr, x32)),
+        (None, Some(x32)) => sections.push((AUDIT_ARCH_X86_64, x32, None)),
+        (None, None) => {}
+    }
+    for (arch, audit) in [
+        (ScmpArch::X86, AUDIT_ARCH_I386),
+        (ScmpArch::Aarch64, AUDIT_ARCH_AARCH64),
+        (ScmpArch::Arm, AUDIT_ARCH_ARM),
+    ] {
+        if let Some(nr) = highest(arch) {
+            sections.push((audit, nr, None));
+        }
+    }
+    if sections.is_empty() {
+        return Vec::new();
+    }
+    let length = |x32: &Option<u32>| if x32.is_some() { 5 } else { 3 };
+    // Load arch, the sections, "ja filter", "ret ENOSYS", then the filter.
+    let total = 1 + sections.iter().map(|s| length(&s.2)).sum::<usize>() + 2;
+    let (enosys, filter) = (total - 1, total);
+    let mut code: Vec<(u16, u8, u8, u32)> = vec![(LD_ABS_W, 0, 0, DATA_ARCH)];
+    // A jump from the instruction at `at` to `to`; the stub is short.
+    let jump = |at: usize, to: usize| u8::try_from(to - at - 1).unwrap_or(u8::MAX);
+    for (audit, nr, x32) in &sections {
+        let start = code.len();
+        let next = start + length(x32);
+        code.push((JEQ_K, 0, jump(start, next), *audit));
+        code.push((LD_ABS_W, 0, 0, DATA_NR));
+        match x32 {
+            None => {
+                let at = start + 2;
+                code.push((JGT_K, jump(at, enosys), jump(at, filter), *nr));
+            }
+            Some(x32) => {
+                code.push((JSET_K, 1, 0, X32_SYSCALL_BIT));
+                let at = start + 3;
+                code.push((JGT_K, jump(at, enosys), jump(at, filter), *nr));
+                let at = start + 4;
+                code.push((JGT_K, jump(at, enosys), jump(at, filter), *x32));
+            }
+        }
+    }
+    code.push((JA, 0, 0, 1));
+    code.push((RET_K, 0, 0, RET_ERRNO_ENOSYS));
+    let mut bytes = Vec::with_capacity(code.len() * INSTRUCTION);
+    for (op, jt, jf, k) in code {
+        bytes.extend_from_slice(&op.to_ne_bytes());
+        bytes.extend_from_slice(&[jt, jf]);
+        bytes.extend_from_slice(&k.to_ne_bytes());
+    }
+    bytes
 }
 
 // ---------------------------------------------------------------------------
@@ -1109,7 +1230,9 @@ impl SeccompCache {
 /// across execve. Needs no_new_privs or CAP_SYS_ADMIN. Allocates only to
 /// report an error.
 pub fn install(bpf: &[u8], flags: u32) -> Result<(), SeccompError> {
-    if bpf.is_empty() || bpf.len() % INSTRUCTION != 0 || bpf.len() / INSTRUCTION > MAX_INSTRUCTIONS
+    if bpf.is_empty()
+        || !bpf.len().is_multiple_of(INSTRUCTION)
+        || bpf.len() / INSTRUCTION > MAX_INSTRUCTIONS
     {
         return Err(SeccompError::Install(format!(
             "{} bytes is not a BPF program",
@@ -1463,6 +1586,56 @@ mod tests {
         assert!(!Arc::ptr_eq(&first, &b));
         assert_eq!(cache.len(), 2);
         assert_eq!(*first, Program::compile(&a).expect("compile"));
+    }
+
+    fn decode(bytes: &[u8]) -> Vec<(u16, u8, u8, u32)> {
+        bytes
+            .chunks_exact(INSTRUCTION)
+            .map(|c| {
+                (
+                    u16::from_ne_bytes([c[0], c[1]]),
+                    c[2],
+                    c[3],
+                    u32::from_ne_bytes([c[4], c[5], c[6], c[7]]),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn newer_syscalls_than_the_profile_get_enosys() {
+        let p = default_profile(&caps(&["CAP_CHOWN"]));
+        let errno = ScmpAction::Errno(libc::EPERM);
+        let stub = decode(&enosys_stub(&p, errno));
+        // arch; x86_64 with x32 (5); i386 (3); ja; ret.
+        assert_eq!(stub.len(), 1 + 5 + 3 + 2, "{stub:?}");
+        assert_eq!(stub[0], (LD_ABS_W, 0, 0, DATA_ARCH));
+        assert_eq!(stub[1], (JEQ_K, 0, 4, AUDIT_ARCH_X86_64));
+        assert_eq!(stub[3], (JSET_K, 1, 0, X32_SYSCALL_BIT));
+        let x86_64 = highest_syscall(&p, ScmpArch::X8664).expect("x86_64");
+        assert!(x86_64 >= 435, "{x86_64}");
+        // From the JGT at 4: ENOSYS is at 10, the filter at 11.
+        assert_eq!(stub[4], (JGT_K, 5, 6, x86_64));
+        assert!(stub[5].3 > X32_SYSCALL_BIT);
+        assert_eq!(stub[6], (JEQ_K, 0, 2, AUDIT_ARCH_I386));
+        assert_eq!(stub[9], (JA, 0, 0, 1));
+        assert_eq!(stub[10], (RET_K, 0, 0, RET_ERRNO_ENOSYS));
+        let program = compile(&p).expect("compile");
+        assert_eq!(decode(&program)[..stub.len()], stub[..]);
+
+        let allow = profile_json(
+            r#"{"defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [{"names": ["getpid"], "action": "SCMP_ACT_ERRNO"}]}"#,
+        );
+        assert!(enosys_stub(&allow, ScmpAction::Allow).is_empty());
+        let native_only = profile_json(
+            r#"{"defaultAction": "SCMP_ACT_ERRNO",
+            "syscalls": [{"names": ["read", "write"], "action": "SCMP_ACT_ALLOW"}]}"#,
+        );
+        let stub = decode(&enosys_stub(&native_only, errno));
+        assert_eq!(stub.len(), 1 + 3 + 2);
+        assert_eq!(stub[3], (JGT_K, 1, 2, libc::SYS_write as u32));
     }
 
     #[test]

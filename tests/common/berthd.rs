@@ -66,6 +66,12 @@ impl Berthd {
     }
 
     pub fn start_with(options: BerthdOptions) -> Berthd {
+        Berthd::start_with_network(options, "")
+    }
+
+    /// Like [`Berthd::start_with`], with `network_keys` (YAML lines indented
+    /// by two spaces, e.g. `"  mode: cni\n"`) added under `network:`.
+    pub fn start_with_network(options: BerthdOptions, network_keys: &str) -> Berthd {
         let dir = tempfile::Builder::new()
             .prefix("berth-test-")
             .tempdir()
@@ -78,7 +84,7 @@ impl Berthd {
         let config = format!(
             "root: {root}\nstate_dir: {state}\nsocket: {socket}\nlog_level: berth=debug,info\n\
              cgroup:\n  parent: {cg}\nnetwork:\n  bridge: {br}\n  subnet: {subnet}\n  nft_table: {nft}\n  \
-             cni_conf_dir: {cni}\n{extra}",
+             cni_conf_dir: {cni}\n{network_keys}{extra}",
             root = root.display(),
             state = state_dir.display(),
             socket = socket.display(),

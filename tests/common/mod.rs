@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 pub mod berthd;
+pub mod bundle;
+pub mod cri_stream;
 pub mod fixtures;
 pub mod registry;
 pub mod token_server;

@@ -1,0 +1,527 @@
+//! Seccomp filters on real processes: a small static C probe (built with gcc
+//! at test time, threads with glibc's pthread_create, which tries clone3
+//! first) runs under compiled profiles, loaded between fork and exec and
+//! through the real container path (`berthd monitor`, the init, `berthd
+//! exec-in`). Checks RuntimeDefault (EPERM for namespaces, keyctl, mount;
+//! ENOSYS for clone3; threads work), a Localhost profile, inheritance across
+//! exec, and when the init loads the filter. Needs root and gcc.
+
+mod common;
+
+use std::collections::HashMap;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use berth::monitor::{self, MonitorStatus, exec_sync};
+use berth::runtime::seccomp::{self, Program, SeccompCache};
+use common::bundle::{BERTHD, Bundle, default_caps, spec};
+use oci_spec::runtime::LinuxSeccomp;
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Runs each probe named on the command line in a child of its own and
+/// prints `name=ok` or `name=<errno name>`.
+const PROBE_C: &str = r#"
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/personality.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static int err(long rc) { return rc < 0 ? errno : 0; }
+static void *thread_main(void *arg) { return arg; }
+
+static int run(const char *name) {
+    if (!strcmp(name, "getpid")) return err(getpid());
+    if (!strcmp(name, "thread")) {
+        pthread_t t;
+        int rc = pthread_create(&t, NULL, thread_main, NULL);
+        return rc ? rc : pthread_join(t, NULL);
+    }
+    if (!strcmp(name, "fork")) {
+        pid_t pid = fork();
+        if (pid < 0) return errno;
+        if (pid == 0) _exit(0);
+        waitpid(pid, NULL, 0);
+        return 0;
+    }
+    if (!strcmp(name, "clone3")) return err(syscall(SYS_clone3, NULL, 0));
+    if (!strcmp(name, "nosys")) return err(syscall(1000, 0, 0, 0));
+    if (!strcmp(name, "clone-newuts")) {
+        long pid = syscall(SYS_clone, CLONE_NEWUTS | SIGCHLD, 0, 0, 0, 0);
+        if (pid < 0) return errno;
+        if (pid == 0) _exit(0);
+        waitpid(pid, NULL, 0);
+        return 0;
+    }
+    if (!strcmp(name, "unshare-user")) return err(unshare(CLONE_NEWUSER));
+    if (!strcmp(name, "unshare-net")) return err(unshare(CLONE_NEWNET));
+    if (!strcmp(name, "keyctl")) return err(syscall(SYS_keyctl, 0, -3, 0));
+    if (!strcmp(name, "mount")) return err(mount("none", "/nonexistent-berth", "tmpfs", 0, NULL));
+    if (!strcmp(name, "sethostname")) {
+        /* Never the host's name: in a UTS namespace of its own or not at all. */
+        if (unshare(CLONE_NEWUTS) < 0) return errno;
+        return err(sethostname("probe", 5));
+    }
+    if (!strcmp(name, "socket-inet")) return err(socket(AF_INET, SOCK_DGRAM, 0));
+    if (!strcmp(name, "socket-alg")) return err(socket(AF_ALG, SOCK_SEQPACKET, 0));
+    if (!strcmp(name, "personality-query")) return err(personality(0xffffffff));
+    if (!strcmp(name, "personality-bsd")) return err(personality(PER_BSD));
+    return EINVAL;
+}
+
+int main(int argc, char **argv) {
+    for (int i = 1; i < argc; i++) {
+        pid_t pid = fork();
+        if (pid < 0) { printf("%s=fork:%s\n", argv[i], strerrorname_np(errno)); continue; }
+        if (pid == 0) _exit(run(argv[i]));
+        int status = 0;
+        waitpid(pid, &status, 0);
+        int e = WIFEXITED(status) ? WEXITSTATUS(status) : 1000 + WTERMSIG(status);
+        printf("%s=%s\n", argv[i], e == 0 ? "ok" : e >= 1000 ? "signal" : strerrorname_np(e));
+    }
+    fflush(stdout);
+    return 0;
+}
+"#;
+
+/// The probe, built once per test run (static, so it also runs in a
+/// busybox rootfs).
+fn probe() -> &'static Path {
+    static PROBE: OnceLock<PathBuf> = OnceLock::new();
+    PROBE.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("seccomp-probe");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let source = dir.join("probe.c");
+        std::fs::write(&source, PROBE_C).expect("write probe.c");
+        let exe = dir.join(format!("probe-{}", std::process::id()));
+        let out = Command::new("gcc")
+            .args(["-O1", "-static", "-pthread", "-o"])
+            .arg(&exe)
+            .arg(&source)
+            .output()
+            .expect("run gcc");
+        assert!(
+            out.status.success(),
+            "gcc: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        exe
+    })
+}
+
+fn parse(output: &str) -> HashMap<String, String> {
+    output
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Runs `exe args` with `program` loaded between fork and exec.
+fn run_under(program: Option<Arc<Program>>, exe: &Path, args: &[&str]) -> String {
+    let mut cmd = Command::new(exe);
+    cmd.args(args);
+    if let Some(program) = program {
+        // SAFETY: install() only makes the seccomp syscall (no allocation,
+        // no lock) unless it fails.
+        unsafe {
+            cmd.pre_exec(move || program.install().map_err(std::io::Error::other));
+        }
+    }
+    let out = cmd.output().expect("run the probe");
+    assert!(
+        out.status.success(),
+        "{} {args:?}: {:?} {}",
+        exe.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn probe_under(program: Option<Arc<Program>>, probes: &[&str]) -> HashMap<String, String> {
+    parse(&run_under(program, probe(), probes))
+}
+
+fn compiled(profile: &LinuxSeccomp) -> Arc<Program> {
+    Arc::new(Program::compile(profile).expect("compile"))
+}
+
+fn caps_with(extra: &[&str]) -> Vec<String> {
+    let mut caps = default_caps();
+    caps.extend(extra.iter().map(|c| c.to_string()));
+    caps
+}
+
+fn assert_results(results: &HashMap<String, String>, expected: &[(&str, &str)]) {
+    for (name, want) in expected {
+        assert_eq!(
+            results.get(*name).map(String::as_str),
+            Some(*want),
+            "{name} in {results:?}"
+        );
+    }
+}
+
+/// What RuntimeDefault without CAP_SYS_ADMIN must give.
+const RUNTIME_DEFAULT: [(&str, &str); 14] = [
+    ("getpid", "ok"),
+    // Newer than any syscall the profile names: ENOSYS, not EPERM.
+    ("nosys", "ENOSYS"),
+    ("thread", "ok"),
+    ("fork", "ok"),
+    ("clone3", "ENOSYS"),
+    ("clone-newuts", "EPERM"),
+    ("unshare-user", "EPERM"),
+    ("unshare-net", "EPERM"),
+    ("keyctl", "EPERM"),
+    ("mount", "EPERM"),
+    ("socket-inet", "ok"),
+    ("socket-alg", "EPERM"),
+    ("personality-query", "ok"),
+    ("personality-bsd", "EPERM"),
+];
+
+fn probe_names() -> Vec<&'static str> {
+    RUNTIME_DEFAULT.iter().map(|(name, _)| *name).collect()
+}
+
+#[test]
+fn unfiltered_the_probe_sees_the_real_syscalls() {
+    let results = probe_under(
+        None,
+        &[
+            "getpid",
+            "thread",
+            "clone3",
+            "unshare-net",
+            "mount",
+            "nosys",
+        ],
+    );
+    assert_results(
+        &results,
+        &[
+            ("getpid", "ok"),
+            ("thread", "ok"),
+            // clone3 with a size of 0 is invalid, not missing.
+            ("clone3", "EINVAL"),
+            ("unshare-net", "ok"),
+            ("mount", "ENOENT"),
+            ("nosys", "ENOSYS"),
+        ],
+    );
+}
+
+#[test]
+fn runtime_default_denies_with_eperm_but_clone3_with_enosys_and_threads_run() {
+    let program = compiled(&seccomp::default_profile(&default_caps()));
+    let results = probe_under(Some(program), &probe_names());
+    assert_results(&results, &RUNTIME_DEFAULT);
+}
+
+#[test]
+fn runtime_default_with_sys_admin_allows_namespaces_and_clone3() {
+    let program = compiled(&seccomp::default_profile(&caps_with(&["CAP_SYS_ADMIN"])));
+    let results = probe_under(
+        Some(program),
+        &[
+            "thread",
+            "clone3",
+            "clone-newuts",
+            "unshare-net",
+            "mount",
+            "keyctl",
+        ],
+    );
+    assert_results(
+        &results,
+        &[
+            ("thread", "ok"),
+            ("clone3", "EINVAL"),
+            ("clone-newuts", "ok"),
+            ("unshare-net", "ok"),
+            ("mount", "ENOENT"),
+            // Not opened by any capability.
+            ("keyctl", "EPERM"),
+        ],
+    );
+}
+
+/// Why clone3 must fail with ENOSYS: glibc ≥ 2.34 falls back to clone only
+/// then, so EPERM breaks every thread.
+#[test]
+fn clone3_with_eperm_breaks_threads_and_with_enosys_does_not() {
+    let profile = |errno: i32| -> LinuxSeccomp {
+        serde_json::from_value(json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [{"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno}],
+        }))
+        .expect("profile")
+    };
+    let eperm = probe_under(Some(compiled(&profile(libc::EPERM))), &["thread", "clone3"]);
+    assert_results(&eperm, &[("thread", "EPERM"), ("clone3", "EPERM")]);
+    let enosys = probe_under(
+        Some(compiled(&profile(libc::ENOSYS))),
+        &["thread", "clone3"],
+    );
+    assert_results(&enosys, &[("thread", "ok"), ("clone3", "ENOSYS")]);
+}
+
+#[test]
+fn a_localhost_profile_blocking_sethostname_fails_it_with_eperm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("no-hostname.json");
+    std::fs::write(
+        &path,
+        r#"{
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+            "syscalls": [
+                {"names": ["sethostname", "setdomainname"], "action": "SCMP_ACT_ERRNO"},
+                {"names": ["keyctl"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13}
+            ]
+        }"#,
+    )
+    .expect("write profile");
+    let profile = seccomp::load_localhost(&path).expect("load");
+    let results = probe_under(
+        Some(compiled(&profile)),
+        &["sethostname", "keyctl", "unshare-net", "thread"],
+    );
+    assert_results(
+        &results,
+        &[
+            ("sethostname", "EPERM"),
+            ("keyctl", "EACCES"),
+            ("unshare-net", "ok"),
+            ("thread", "ok"),
+        ],
+    );
+}
+
+#[test]
+fn the_filter_is_inherited_across_exec() {
+    let program = compiled(&seccomp::default_profile(&default_caps()));
+    let script = format!(
+        "grep -E '^Seccomp(_filters)?:' /proc/self/status; exec {} keyctl clone3 thread",
+        probe().display()
+    );
+    let out = run_under(
+        Some(program),
+        Path::new("/bin/busybox"),
+        &["sh", "-c", &script],
+    );
+    assert!(out.contains("Seccomp:\t2"), "{out}");
+    assert!(out.contains("Seccomp_filters:\t1"), "{out}");
+    assert_results(
+        &parse(&out),
+        &[("keyctl", "EPERM"), ("clone3", "ENOSYS"), ("thread", "ok")],
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Through the container path.
+
+/// A bundle running the probe as `uid`, with RuntimeDefault in the spec and,
+/// if `precompiled`, berthd's program file beside config.json.
+fn probe_bundle(args: &[&str], uid: u32, nnp: bool, precompiled: bool) -> Bundle {
+    let bundle = Bundle::new("berth-seccomp-");
+    bundle.add_program(probe(), "probe");
+    let profile = seccomp::default_profile(&default_caps());
+    let mut s = spec(args, uid, nnp);
+    s["linux"]["seccomp"] = serde_json::to_value(&profile).expect("profile json");
+    bundle.write(s);
+    if precompiled {
+        Program::compile(&profile)
+            .expect("compile")
+            .write(&bundle.path().join(seccomp::PROGRAM_FILE))
+            .expect("write program");
+    }
+    bundle
+}
+
+/// "Seccomp:" of the process's status: 0 none, 2 filtered.
+fn seccomp_mode(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("Seccomp:"))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_default()
+}
+
+async fn start_and_wait(bundle: &Bundle) -> MonitorStatus {
+    let watch = bundle.connect().await;
+    bundle.connect().await.start().await.expect("start");
+    tokio::time::timeout(WAIT, watch.wait_closed())
+        .await
+        .expect("the container did not exit in time");
+    monitor::read_status(bundle.path()).expect("status")
+}
+
+/// Without no_new_privs the init loads the filter while it still holds
+/// CAP_SYS_ADMIN, before the uid change: the created container is filtered
+/// already, and a non-root user works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_without_no_new_privs_is_filtered_from_creation() {
+    let mut args = vec!["/bin/probe"];
+    args.extend(probe_names());
+    let mut bundle = probe_bundle(&args, 1000, false, true);
+    let created = bundle.launch().await.expect("create");
+    assert_eq!(seccomp_mode(created.init_pid), "2");
+    let status = start_and_wait(&bundle).await;
+    assert_eq!(status.exit_code, 0, "{status:?} {}", bundle.log_text());
+    assert_results(&parse(&bundle.log_text()), &RUNTIME_DEFAULT);
+}
+
+/// With no_new_privs the filter comes last, after start; with no program
+/// file the init compiles the spec's profile itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_with_no_new_privs_is_filtered_right_before_exec() {
+    let mut args = vec!["/bin/probe"];
+    args.extend(probe_names());
+    let mut bundle = probe_bundle(&args, 1000, true, false);
+    let created = bundle.launch().await.expect("create");
+    assert_eq!(seccomp_mode(created.init_pid), "0");
+    let status = start_and_wait(&bundle).await;
+    assert_eq!(status.exit_code, 0, "{status:?} {}", bundle.log_text());
+    assert_results(&parse(&bundle.log_text()), &RUNTIME_DEFAULT);
+}
+
+/// A program file of another profile is not loaded: the spec decides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_program_file_is_not_loaded() {
+    let mut bundle = probe_bundle(&["/bin/probe", "unshare-net", "thread"], 0, false, false);
+    Program::compile(&seccomp::default_profile(&caps_with(&["CAP_SYS_ADMIN"])))
+        .expect("compile")
+        .write(&bundle.path().join(seccomp::PROGRAM_FILE))
+        .expect("write");
+    bundle.launch().await.expect("create");
+    start_and_wait(&bundle).await;
+    assert_results(
+        &parse(&bundle.log_text()),
+        &[("unshare-net", "EPERM"), ("thread", "ok")],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_in_gets_the_containers_filter() {
+    for nnp in [false, true] {
+        let mut bundle = probe_bundle(&["sleep", "30"], 1000, nnp, true);
+        let created = bundle.launch().await.expect("create");
+        let mut control = bundle.connect().await;
+        control.start().await.expect("start");
+        let mut args = vec!["/bin/probe".to_string()];
+        args.extend(probe_names().iter().map(|s| s.to_string()));
+        let out = exec_sync(
+            Path::new(BERTHD),
+            bundle.path(),
+            created.init_pid,
+            &args,
+            Some(WAIT),
+        )
+        .await
+        .expect("exec");
+        assert_eq!(out.exit_code, 0, "{}", String::from_utf8_lossy(&out.stderr));
+        assert_results(
+            &parse(&String::from_utf8_lossy(&out.stdout)),
+            &RUNTIME_DEFAULT,
+        );
+        let watch = bundle.connect().await;
+        control.kill(libc::SIGKILL, true).await.expect("kill");
+        tokio::time::timeout(WAIT, watch.wait_closed())
+            .await
+            .expect("exit after kill");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Cost: `cargo test --test seccomp -- --ignored --nocapture creation_cost`.
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// Creates (and removes) containers with and without RuntimeDefault,
+/// interleaved, and prints the medians of create: berthd's part (profile,
+/// cache lookup, program file) plus `monitor::launch` (monitor, init setup
+/// up to "created", which loads the filter when no_new_privs is off).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; run by hand"]
+async fn creation_cost() {
+    const ROUNDS: usize = 30;
+    let cache = SeccompCache::new();
+    let profile = seccomp::default_profile(&default_caps());
+    let start = Instant::now();
+    let first = Program::compile(&profile).expect("compile");
+    let compile_time = start.elapsed();
+    let start = Instant::now();
+    for _ in 0..100 {
+        seccomp::profile_key(&profile).expect("key");
+    }
+    let key_time = start.elapsed() / 100;
+    let mut without = Vec::new();
+    let mut with = Vec::new();
+    for round in 0..ROUNDS * 2 {
+        let filtered = round % 2 == 1;
+        let mut bundle = Bundle::new("berth-seccomp-cost-");
+        let started = Instant::now();
+        let mut s = spec(&["true"], 0, false);
+        if filtered {
+            let profile = seccomp::default_profile(&default_caps());
+            s["linux"]["seccomp"] = serde_json::to_value(&profile).expect("profile json");
+            let program = cache.get_or_compile(&profile).expect("compile");
+            program
+                .write(&bundle.path().join(seccomp::PROGRAM_FILE))
+                .expect("write program");
+        }
+        bundle.write(s);
+        let created = bundle.launch().await.expect("create");
+        let took = started.elapsed();
+        if filtered {
+            assert_eq!(seccomp_mode(created.init_pid), "2");
+            with.push(took);
+        } else {
+            without.push(took);
+        }
+        let mut control = bundle.connect().await;
+        let watch = bundle.connect().await;
+        control.kill(libc::SIGKILL, true).await.expect("kill");
+        tokio::time::timeout(WAIT, watch.wait_closed())
+            .await
+            .expect("exit");
+    }
+    let (a, b) = (median(without), median(with));
+    println!(
+        "compile RuntimeDefault once: {} ({} instructions); profile key: {}",
+        ms(compile_time),
+        first.instructions(),
+        ms(key_time)
+    );
+    println!(
+        "create, median of {ROUNDS}: without seccomp {}, with RuntimeDefault {} ({:+.1}%)",
+        ms(a),
+        ms(b),
+        (b.as_secs_f64() / a.as_secs_f64() - 1.0) * 100.0
+    );
+}
