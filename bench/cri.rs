@@ -19,7 +19,7 @@ use std::process::Command;
 
 use common::fixtures::{self, BIG_LAYOUT_REF, Fixture};
 use common::registry::Registry;
-use daemon::{BERTHD, CONTAINERD, Setup};
+use daemon::{CONTAINERD, Setup};
 use images::Image;
 use report::{Metric, Pick, Row, Target, Unit};
 
@@ -45,7 +45,8 @@ const USAGE: &str = "usage: cargo bench --bench cri -- [OPTIONS] [FILTER]
   --keep-logs DIR  copy every daemon's log into DIR
   FILTER           run only the workloads whose name contains FILTER:
                    busybox, big (image pulls), pods, network
-  env BERTH_BENCH_RUST_LOG  RUST_LOG for berthd, e.g. berth=debug";
+  env BERTH_BENCH_RUST_LOG  RUST_LOG for berthd, e.g. berth=debug
+  env BERTH_BENCH_BERTHD    another berthd executable to measure instead of this build's";
 
 struct Options {
     samples: usize,
@@ -218,7 +219,7 @@ async fn run_workloads(
 
     let load_before = procfs::loadavg();
     let started = std::time::Instant::now();
-    let mut idle_rss = Metric::new("daemon idle RSS (VmRSS 1-2 s after start)", Unit::MiB);
+    let mut idle_rss = Metric::new("daemon idle RSS (VmRSS 1 s after start)", Unit::MiB);
     let mut image_results = None;
     if !images.is_empty() {
         eprintln!(
@@ -414,7 +415,7 @@ async fn run_workloads(
     out.push_str(&report::table(&rows));
     if let Some(p) = &pod_results {
         let _ = writeln!(out);
-        let _ = writeln!(out, "Memory, what it is made of:");
+        let _ = writeln!(out, "What the memory and list figures are made of:");
         let _ = writeln!(out);
         for line in &p.breakdown {
             let _ = writeln!(out, "- {line}");
@@ -451,7 +452,9 @@ impl Versions {
         let containerd = out(CONTAINERD, &["--version"]).ok_or(
             "containerd is not installed: run scripts/bench.sh (or apt-get install containerd runc)",
         )?;
-        let berthd = out(BERTHD, &["--version"]).unwrap_or_else(|| "berthd ?".to_string());
+        let berthd_path = daemon::berthd();
+        let berthd_exe = berthd_path.to_string_lossy();
+        let berthd = out(&berthd_exe, &["--version"]).unwrap_or_else(|| "berthd ?".to_string());
         let git = out(
             "git",
             &[
@@ -473,11 +476,18 @@ impl Versions {
         Ok(Versions {
             date: out("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_default(),
             os,
-            berth: format!(
-                "{} ({}, release build)",
-                berthd.trim_start_matches("berthd ").trim(),
-                git.map_or_else(|| "no git".to_string(), |g| format!("git {g}"))
-            ),
+            berth: if std::env::var_os("BERTH_BENCH_BERTHD").is_some() {
+                format!(
+                    "{} ({berthd_exe}, from BERTH_BENCH_BERTHD)",
+                    berthd.trim_start_matches("berthd ").trim()
+                )
+            } else {
+                format!(
+                    "{} ({}, release build)",
+                    berthd.trim_start_matches("berthd ").trim(),
+                    git.map_or_else(|| "no git".to_string(), |g| format!("git {g}"))
+                )
+            },
             containerd: package("containerd").unwrap_or(containerd),
             runc: package("runc")
                 .or_else(|| {

@@ -34,6 +34,13 @@ use crate::procfs::{self, Hierarchy};
 
 /// berthd as cargo built it for this benchmark (the release profile).
 pub const BERTHD: &str = env!("CARGO_BIN_EXE_berthd");
+
+/// The berthd under test: [`BERTHD`], or the executable named by
+/// `BERTH_BENCH_BERTHD` (to compare another build of it, e.g. one linked
+/// differently; the table's header names it).
+pub fn berthd() -> PathBuf {
+    std::env::var_os("BERTH_BENCH_BERTHD").map_or_else(|| PathBuf::from(BERTHD), PathBuf::from)
+}
 /// containerd from Debian, found on PATH.
 pub const CONTAINERD: &str = "containerd";
 /// Where Debian's containernetworking-plugins live (Debian's containerd
@@ -167,7 +174,7 @@ impl Daemon {
                 let socket = state.join("berth.sock");
                 let yaml = berth_config(&root, &state, &socket, &cni_conf_dir, &names, setup);
                 write(&config, &yaml)?;
-                let mut command = Command::new(BERTHD);
+                let mut command = Command::new(berthd());
                 command.arg("--config").arg(&config);
                 command.env_remove("RUST_LOG");
                 if !setup.berth_rust_log.is_empty() {

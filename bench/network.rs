@@ -57,10 +57,7 @@ impl Timings {
         };
         let m = |step: &str| {
             Metric::new(
-                format!(
-                    "pod network {step}, {what} \
-                     (containerd column: CNI bridge + host-local + portmap)"
-                ),
+                format!("pod network {step}, {what} (containerd column: CNI plugins)"),
                 Unit::Seconds,
             )
         };

@@ -40,14 +40,17 @@ use std::time::{Duration, Instant};
 
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
+use prost::Message as _;
 use tonic::transport::Channel;
 
 use crate::daemon::{Daemon, Runtime, Setup};
 use crate::procfs::{self, Footprint};
 use crate::report::{Metric, Unit};
 
-/// How long a daemon sits before its idle RSS is read, and before memory is
-/// read with pods running.
+/// How long a new daemon sits before its idle RSS is read (as in the image
+/// benchmarks).
+const IDLE_SETTLE: Duration = Duration::from_secs(1);
+/// How long the daemons sit before memory is read with pods running.
 const SETTLE: Duration = Duration::from_secs(2);
 /// One CRI call that takes longer than this is a failure.
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
@@ -149,7 +152,7 @@ pub struct Results {
 }
 
 /// Runs the whole pod workload in both runtimes; pushes each daemon's idle
-/// RSS (1 s, see [`SETTLE`], after it answered) into `idle_rss`.
+/// RSS ([`IDLE_SETTLE`] after it answered, before any pull) into `idle_rss`.
 pub async fn run(
     setup: &Setup,
     plan: &Plan,
@@ -202,12 +205,7 @@ pub async fn run(
 
     let mut nodes = Vec::new();
     for runtime in [Runtime::Berth, Runtime::Containerd] {
-        nodes.push(Node::start(runtime, setup, image).await?);
-    }
-    tokio::time::sleep(SETTLE).await;
-    for node in &nodes {
-        let idle = procfs::memory(node.daemon.pid())?;
-        idle_rss.push(node.runtime, idle.rss_kib as f64 / 1024.0);
+        nodes.push(Node::start(runtime, setup, image, idle_rss).await?);
     }
     let outcome = phases(&mut nodes, plan, many, &mut results).await;
     // Whatever happened, every pod goes before the daemons stop.
@@ -348,6 +346,14 @@ async fn phases(
             results.list_pods.push(node.runtime, pods);
         }
     }
+    for node in nodes.iter() {
+        results.breakdown.push(format!(
+            "{} list answers with {many} pods: ListContainers {} bytes, ListPodSandbox {} bytes",
+            node.runtime.name(),
+            node.list_bytes.0,
+            node.list_bytes.1
+        ));
+    }
     Ok(())
 }
 
@@ -403,13 +409,24 @@ struct Node {
     next: usize,
     /// Pods kept running (the memory and list phases).
     running: Vec<PodIds>,
+    /// Encoded sizes of the last ListContainers and ListPodSandbox answers.
+    list_bytes: (usize, usize),
 }
 
 impl Node {
-    /// Starts the daemon and pulls the container image (and for containerd
-    /// its pause image, as a node has it before its first pod).
-    async fn start(runtime: Runtime, setup: &Setup, image: &str) -> Result<Node, String> {
+    /// Starts the daemon, reads its idle RSS into `idle_rss`, and pulls the
+    /// container image (and for containerd its pause image, as a node has it
+    /// before its first pod).
+    async fn start(
+        runtime: Runtime,
+        setup: &Setup,
+        image: &str,
+        idle_rss: &mut Metric,
+    ) -> Result<Node, String> {
         let daemon = Daemon::start(runtime, setup).await?;
+        tokio::time::sleep(IDLE_SETTLE).await;
+        let idle = procfs::memory(daemon.pid())?;
+        idle_rss.push(runtime, idle.rss_kib as f64 / 1024.0);
         let mut images = daemon.images().await?;
         let mut pull = vec![image.to_string()];
         if runtime == Runtime::Containerd {
@@ -440,6 +457,7 @@ impl Node {
                 .map_err(|e| format!("log dir: {e}"))?,
             next: 0,
             running: Vec::new(),
+            list_bytes: (0, 0),
             daemon,
         })
     }
@@ -539,6 +557,16 @@ impl Node {
         .await?
         .items;
         let pods_time = started.elapsed().as_secs_f64();
+        self.list_bytes = (
+            ListContainersResponse {
+                containers: containers.clone(),
+            }
+            .encoded_len(),
+            ListPodSandboxResponse {
+                items: pods.clone(),
+            }
+            .encoded_len(),
+        );
         let running = containers
             .iter()
             .filter(|c| c.state == ContainerState::ContainerRunning as i32)

@@ -511,6 +511,29 @@ async fn creation_cost() {
             .await
             .expect("exit");
     }
+    let program = Arc::new(first.clone());
+    let mut spawn_plain = Vec::new();
+    let mut spawn_filtered = Vec::new();
+    for round in 0..ROUNDS * 2 {
+        let filtered = round % 2 == 1;
+        let started = Instant::now();
+        run_under(
+            filtered.then(|| Arc::clone(&program)),
+            Path::new("/bin/true"),
+            &[],
+        );
+        let took = started.elapsed();
+        if filtered {
+            spawn_filtered.push(took);
+        } else {
+            spawn_plain.push(took);
+        }
+    }
+    println!(
+        "spawn /bin/true, median of {ROUNDS}: plain {}, filter loaded before exec {}",
+        ms(median(spawn_plain)),
+        ms(median(spawn_filtered))
+    );
     let (a, b) = (median(without), median(with));
     println!(
         "compile RuntimeDefault once: {} ({} instructions); profile key: {}",
@@ -524,4 +547,53 @@ async fn creation_cost() {
         ms(b),
         (b.as_secs_f64() / a.as_secs_f64() - 1.0) * 100.0
     );
+}
+
+/// Time to load a filter and what it adds to a cheap syscall, for the
+/// default profile as compiled and for a native-only variant:
+/// `cargo test --release --test seccomp -- --ignored --nocapture load_cost`.
+#[test]
+#[ignore = "a measurement; run by hand"]
+fn load_cost() {
+    const ROUNDS: usize = 20;
+    const CALLS: u32 = 20_000;
+    let getpid_cost = || {
+        let started = Instant::now();
+        for _ in 0..CALLS {
+            // SAFETY: getpid has no arguments and no side effects.
+            unsafe { libc::syscall(libc::SYS_getpid) };
+        }
+        started.elapsed() / CALLS
+    };
+    let full = seccomp::default_profile(&default_caps());
+    let mut native = full.clone();
+    native.set_architectures(None);
+    println!("getpid unfiltered: {:?}", getpid_cost());
+    for (name, profile) in [("x86_64+x86+x32", full), ("native only", native)] {
+        let started = Instant::now();
+        let program = Arc::new(Program::compile(&profile).expect("compile"));
+        let compile = started.elapsed();
+        let mut loads = Vec::new();
+        let mut calls = Vec::new();
+        for _ in 0..ROUNDS {
+            let program = Arc::clone(&program);
+            // A thread of its own: the filter stays with it and ends with it.
+            let (load, call) = std::thread::spawn(move || {
+                let started = Instant::now();
+                program.install().expect("install");
+                (started.elapsed(), getpid_cost())
+            })
+            .join()
+            .expect("join");
+            loads.push(load);
+            calls.push(call);
+        }
+        println!(
+            "{name}: {} instructions, compile {}, load {} , getpid {:?} (medians)",
+            program.instructions(),
+            ms(compile),
+            ms(median(loads)),
+            median(calls)
+        );
+    }
 }

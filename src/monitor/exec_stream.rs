@@ -11,6 +11,7 @@ use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::pty::{grantpt, posix_openpt, ptsname_r, unlockpt};
+use nix::sys::signal::{SigHandler, Signal, signal};
 use nix::sys::signalfd::SignalFd;
 use nix::sys::stat::Mode;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
@@ -104,6 +105,11 @@ impl StreamStdio {
     /// In the forked child: the stdio becomes 0, 1 and 2, and a terminal the
     /// controlling terminal of a new session.
     pub(super) fn install(self) -> Result<(), StepError> {
+        // berthd, a Rust program, ignores SIGPIPE, and an ignored signal
+        // stays ignored across exec: `yes | head` would never end.
+        // SAFETY: SIG_DFL installs no handler, and this forked child runs
+        // nothing else at the same time.
+        unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) }.step(|| "reset SIGPIPE".into())?;
         if self.tty {
             setsid().step(|| "setsid".into())?;
         }

@@ -25,6 +25,16 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 /// Unblocks every signal: the monitor blocks some, and a blocked mask
 /// survives exec.
 pub(crate) fn unblock_signals() -> Result<(), StepError> {
+    // Rust ignores SIGPIPE at start, and an ignored signal stays ignored
+    // across exec: `yes | head` in a container would never end.
+    // SAFETY: restoring the default disposition installs no handler code.
+    unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        )
+    }
+    .step(|| "reset SIGPIPE".into())?;
     sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
         .step(|| "reset the signal mask".into())
 }

@@ -177,6 +177,8 @@ pub struct Runtime {
     tables: Mutex<Tables>,
     events: broadcast::Sender<Event>,
     cpu: stats::CpuSampler,
+    /// Compiled seccomp programs, one per distinct profile.
+    seccomp: seccomp::SeccompCache,
 }
 
 /// Filters of the list calls; empty fields match everything.
@@ -255,6 +257,7 @@ impl Runtime {
             tables: Mutex::new(Tables::default()),
             events: broadcast::channel(1024).0,
             cpu: stats::CpuSampler::default(),
+            seccomp: seccomp::SeccompCache::new(),
         });
         runtime.recover()?;
         let live: Vec<PodNetworkRequest> = runtime
@@ -789,6 +792,24 @@ impl Runtime {
             pid_namespace,
             devices: device_nodes.iter().map(|d| d.spec()).collect(),
         });
+        let mut spec = spec;
+        if let Some(profile) = self.seccomp_profile(&resolved)? {
+            let program = self
+                .seccomp
+                .get_or_compile(&profile)
+                .map_err(|e| RuntimeError::InvalidArgument(format!("seccomp profile: {e}")))?;
+            program
+                .write(&paths.bundle.join(seccomp::PROGRAM_FILE))
+                .map_err(|e| RuntimeError::Io {
+                    what: "write the compiled seccomp program".to_string(),
+                    source: std::io::Error::other(e),
+                })?;
+            spec["linux"]["seccomp"] =
+                serde_json::to_value(&profile).map_err(|e| RuntimeError::Io {
+                    what: "encode the seccomp profile".to_string(),
+                    source: std::io::Error::other(e),
+                })?;
+        }
         store::write_json(&paths.bundle.join("config.json"), &spec, Durability::Crash)?;
         let monitor_config = monitor::MonitorConfig {
             id: id.to_string(),
@@ -833,6 +854,25 @@ impl Runtime {
             })??;
         self.adopt_monitor(&paths.bundle)?;
         Ok(record)
+    }
+
+    /// The seccomp profile of a container: none when privileged or unconfined.
+    fn seccomp_profile(
+        &self,
+        config: &ContainerConfig,
+    ) -> Result<Option<oci_spec::runtime::LinuxSeccomp>, RuntimeError> {
+        if config.privileged {
+            return Ok(None);
+        }
+        match &config.seccomp {
+            container::SeccompChoice::Unconfined => Ok(None),
+            container::SeccompChoice::RuntimeDefault => {
+                Ok(Some(seccomp::default_profile(&spec::capabilities(config))))
+            }
+            container::SeccompChoice::Localhost(path) => seccomp::load_localhost(Path::new(path))
+                .map(Some)
+                .map_err(|e| RuntimeError::InvalidArgument(format!("seccomp profile {path}: {e}"))),
+        }
     }
 
     /// Moves a new monitor out of berthd's cgroup into berth's monitors

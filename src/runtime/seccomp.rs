@@ -855,8 +855,9 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<Vec<u8>, SeccompError> {
         .map_err(failed("leave no_new_privs alone".into()))?;
     let rules = profile.syscalls().as_deref().unwrap_or_default();
     // A binary tree keeps long allowlists fast; libseccomp up to 2.5.4
-    // misbehaves with it on empty filters (runc's threshold).
-    if rules.len() > 32 {
+    // misbehaves with it on empty filters (runc's threshold, which counts
+    // names: runc keeps one rule per name).
+    if rules.iter().map(|r| r.names().len()).sum::<usize>() > 32 {
         let _ = filter.set_ctl_optimize(2);
     }
     for rule in rules {

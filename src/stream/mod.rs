@@ -60,6 +60,33 @@ pub enum StreamError {
     Tls(String),
 }
 
+/// When a streaming connection last carried anything either way, for its
+/// idle timeout.
+pub(crate) struct Activity {
+    start: std::time::Instant,
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Activity {
+    pub(crate) fn new() -> Activity {
+        Activity {
+            start: std::time::Instant::now(),
+            last_ms: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(crate) fn idle_for(&self) -> std::time::Duration {
+        let now = self.start.elapsed().as_millis() as u64;
+        let last = self.last_ms.load(std::sync::atomic::Ordering::Relaxed);
+        std::time::Duration::from_millis(now.saturating_sub(last))
+    }
+}
+
 /// The rules kubelet's streaming server applies to exec and attach streams.
 fn check_streams(tty: bool, stdin: bool, stdout: bool, stderr: bool) -> Result<(), StreamError> {
     if tty && stderr {

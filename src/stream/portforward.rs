@@ -196,10 +196,12 @@ async fn forward(
                 }
             }
         }
+        // The pod's side is done: so is the forwarded connection, as far as
+        // the client waits for it (kubelet closes both streams here too).
         let _ = sender.finish(data).await;
+        let _ = sender.finish(error).await;
     };
     tokio::join!(up, down);
-    let _ = sender.finish(error).await;
 }
 
 /// A TCP connection to `port` on the loopback of the target's network

@@ -4,14 +4,15 @@
 //! There is no flow control: spdystream (the Kubernetes clients) has none.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use super::Activity;
 use super::spdy::{self, Frame, FrameReader, FrameWriter, Headers};
 
 /// Largest data frame sent.
@@ -96,24 +97,6 @@ impl SpdySender {
     }
 }
 
-/// When the connection last carried a frame either way.
-struct Activity {
-    start: Instant,
-    last_ms: AtomicU64,
-}
-
-impl Activity {
-    fn touch(&self) {
-        let ms = self.start.elapsed().as_millis() as u64;
-        self.last_ms.store(ms, Ordering::Relaxed);
-    }
-
-    fn idle_for(&self) -> Duration {
-        let now = self.start.elapsed().as_millis() as u64;
-        Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
-    }
-}
-
 pub(crate) struct SpdyConnection {
     pub(crate) events: mpsc::Receiver<StreamEvent>,
     pub(crate) sender: SpdySender,
@@ -131,10 +114,7 @@ impl SpdyConnection {
         let (rd, wr) = tokio::io::split(io);
         let (event_tx, events) = mpsc::channel(64);
         let (tx, rx) = mpsc::channel(64);
-        let activity = Arc::new(Activity {
-            start: Instant::now(),
-            last_ms: AtomicU64::new(0),
-        });
+        let activity = Arc::new(Activity::new());
         let last_stream = Arc::new(AtomicU32::new(0));
         let reader = tokio::spawn(read_loop(
             rd,

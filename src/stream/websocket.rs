@@ -4,14 +4,15 @@
 //! pings and the closing handshake itself.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+
+use super::Activity;
 
 /// RFC 6455's key suffix.
 const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -269,23 +270,6 @@ pub(crate) struct WsConnection {
     writer: JoinHandle<()>,
 }
 
-struct Activity {
-    start: Instant,
-    last_ms: AtomicU64,
-}
-
-impl Activity {
-    fn touch(&self) {
-        self.last_ms
-            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-
-    fn idle_for(&self) -> Duration {
-        let now = self.start.elapsed().as_millis() as u64;
-        Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
-    }
-}
-
 impl WsConnection {
     pub(crate) fn start<IO>(io: IO, idle_timeout: Duration) -> WsConnection
     where
@@ -294,10 +278,7 @@ impl WsConnection {
         let (rd, wr) = tokio::io::split(io);
         let (msg_tx, messages) = mpsc::channel(64);
         let (tx, rx) = mpsc::channel(64);
-        let activity = Arc::new(Activity {
-            start: Instant::now(),
-            last_ms: AtomicU64::new(0),
-        });
+        let activity = Arc::new(Activity::new());
         let reader = tokio::spawn(read_loop(
             rd,
             msg_tx,

@@ -79,9 +79,16 @@ pub async fn upgrade(
     Ok((stream, response_headers, buf))
 }
 
+/// What a SPDY client's bytes travel on.
+enum Transport {
+    Tcp(TcpStream),
+    /// Binary messages of a WebSocket (`SPDY/3.1+portforward.k8s.io`).
+    Tunnel(Box<WsClient>),
+}
+
 /// A SPDY client connection.
 pub struct SpdyClient {
-    stream: TcpStream,
+    transport: Transport,
     reader: FrameReader,
     writer: FrameWriter,
     buf: BytesMut,
@@ -105,7 +112,7 @@ impl SpdyClient {
         .await?;
         assert_eq!(headers.get("upgrade").map(String::as_str), Some("SPDY/3.1"));
         Ok(SpdyClient {
-            stream,
+            transport: Transport::Tcp(stream),
             reader: FrameReader::new(),
             writer: FrameWriter::new(),
             buf,
@@ -117,10 +124,28 @@ impl SpdyClient {
         })
     }
 
+    /// A port-forward connection tunneled in WebSocket, as `crictl
+    /// port-forward --transport websocket` makes it.
+    pub async fn tunnel(url: &str) -> Result<SpdyClient, Refused> {
+        let ws = WsClient::connect(url, &["SPDY/3.1+portforward.k8s.io"]).await?;
+        assert_eq!(ws.protocol, "SPDY/3.1+portforward.k8s.io");
+        Ok(SpdyClient {
+            transport: Transport::Tunnel(Box::new(ws)),
+            reader: FrameReader::new(),
+            writer: FrameWriter::new(),
+            buf: BytesMut::new(),
+            next_id: 1,
+            protocol: "portforward.k8s.io".to_string(),
+        })
+    }
+
     pub async fn send(&mut self, frame: Frame) {
         let mut out = BytesMut::new();
         self.writer.encode(&frame, &mut out).expect("encode");
-        self.stream.write_all(&out).await.expect("send frame");
+        match &mut self.transport {
+            Transport::Tcp(stream) => stream.write_all(&out).await.expect("send frame"),
+            Transport::Tunnel(ws) => ws.send(Message::Binary(out.freeze())).await,
+        }
     }
 
     /// Opens a stream with these headers; returns its id.
@@ -156,12 +181,21 @@ impl SpdyClient {
             if let Some(frame) = self.reader.decode(&mut self.buf).expect("valid frame") {
                 return Some(frame);
             }
-            let n = tokio::time::timeout(STREAM_TIMEOUT, self.stream.read_buf(&mut self.buf))
-                .await
-                .expect("frame in time")
-                .ok()?;
-            if n == 0 {
-                return None;
+            match &mut self.transport {
+                Transport::Tcp(stream) => {
+                    let n = tokio::time::timeout(STREAM_TIMEOUT, stream.read_buf(&mut self.buf))
+                        .await
+                        .expect("frame in time")
+                        .ok()?;
+                    if n == 0 {
+                        return None;
+                    }
+                }
+                Transport::Tunnel(ws) => match ws.next().await? {
+                    Message::Binary(data) => self.buf.extend_from_slice(&data),
+                    Message::Close(_) => return None,
+                    _ => {}
+                },
             }
         }
     }
