@@ -184,8 +184,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let cgroups = Cgroups::discover(Path::new("/sys/fs/cgroup")).map_err(DaemonError::Cgroup)?;
     let cgroup_version = cgroups.version;
     let images = ImageStore::open(&config).map_err(DaemonError::Images)?;
+    let network = pod_network(&config)?;
+    let runtime = Runtime::open(config.clone(), cgroups.clone(), images.clone(), network)
+        .map_err(DaemonError::Runtime)?;
     {
-        // Leftovers of pulls a crash cut short go before anything else runs.
+        // Leftovers of crashed pulls go; after recovery, so containers' layers are held.
         let images = images.clone();
         tokio::spawn(async move {
             if let Err(e) = images.collect_garbage().await {
@@ -193,9 +196,6 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             }
         });
     }
-    let network = pod_network(&config)?;
-    let runtime = Runtime::open(config.clone(), cgroups.clone(), images.clone(), network)
-        .map_err(DaemonError::Runtime)?;
     let runtime_for_shutdown = runtime.clone();
     let stream = crate::stream::StreamServer::start(&config.stream, runtime.clone())
         .await

@@ -733,3 +733,63 @@ async fn a_shared_pid_namespace_and_no_log_directory() {
     .await
     .expect("remove pod");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_image_keeps_its_layers_while_a_container_uses_them() {
+    let node = node().await;
+    let mut rt = node.berthd.runtime().await;
+    let pc = pod_config(&node, "holder");
+    let pod = run_pod(&mut rt, pc.clone()).await;
+    let id = create(
+        &mut rt,
+        &pod,
+        &pc,
+        container_config(&node, "user", &["sleep", "600"]),
+    )
+    .await
+    .expect("create");
+    rt.start_container(StartContainerRequest {
+        container_id: id.clone(),
+    })
+    .await
+    .expect("start");
+    node.berthd
+        .images()
+        .await
+        .remove_image(RemoveImageRequest {
+            image: Some(ImageSpec {
+                image: node.busybox.clone(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("remove the image");
+    let snapshots = node.berthd.root.join("snapshots");
+    // Garbage collection runs after RemoveImage; give it time to (wrongly) act.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(std::fs::read_dir(&snapshots).expect("snapshots").count() > 0);
+    let out = rt
+        .exec_sync(ExecSyncRequest {
+            container_id: id.clone(),
+            cmd: vec!["ls".into(), "/bin/busybox".into()],
+            timeout: 5,
+        })
+        .await
+        .expect("exec")
+        .into_inner();
+    assert_eq!(out.exit_code, 0);
+    rt.remove_pod_sandbox(RemovePodSandboxRequest {
+        pod_sandbox_id: pod,
+    })
+    .await
+    .expect("remove pod");
+    // Removing the container lets the layers go.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_dir(&snapshots).expect("snapshots").count() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "layers collected after the container went"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -100,9 +100,12 @@ impl ImageService for CriService {
     async fn image_fs_info(&self, _req: Request<ImageFsInfoRequest>) -> Reply<ImageFsInfoResponse> {
         traced("ImageFsInfo", "", async {
             let images = self.images.clone();
-            let usage = tokio::task::spawn_blocking(move || images.disk_usage())
-                .await
-                .map_err(|e| Status::internal(format!("disk usage walk failed: {e}")))?;
+            let layers = self.config.root.join("containers");
+            let (usage, writable) = tokio::task::spawn_blocking(move || {
+                (images.disk_usage(), crate::image::disk_usage_of(&layers))
+            })
+            .await
+            .map_err(|e| Status::internal(format!("disk usage walk failed: {e}")))?;
             let timestamp = SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map(|d| d.as_nanos() as i64)
@@ -118,7 +121,19 @@ impl ImageService for CriService {
                         value: usage.inodes,
                     }),
                 }],
-                container_filesystems: vec![],
+                // The containers' writable layers, on the same filesystem.
+                container_filesystems: vec![FilesystemUsage {
+                    timestamp,
+                    fs_id: Some(FilesystemIdentifier {
+                        mountpoint: self.config.root.join("containers").display().to_string(),
+                    }),
+                    used_bytes: Some(UInt64Value {
+                        value: writable.bytes,
+                    }),
+                    inodes_used: Some(UInt64Value {
+                        value: writable.inodes,
+                    }),
+                }],
             }))
         })
         .await

@@ -95,6 +95,9 @@ pub struct ImageStore {
     /// Pulls hold it shared; garbage collection holds it alone, so it never
     /// deletes what a running pull has written but not yet recorded.
     gc_lock: tokio::sync::RwLock<()>,
+    /// Layers held by containers, by container id: kept while a container
+    /// exists, even when its image is removed.
+    held: Mutex<HashMap<String, Vec<Digest>>>,
 }
 
 impl ImageStore {
@@ -113,6 +116,7 @@ impl ImageStore {
             pulls: Mutex::new(HashMap::new()),
             layers: Mutex::new(HashMap::new()),
             gc_lock: tokio::sync::RwLock::new(()),
+            held: Mutex::new(HashMap::new()),
             dir,
         };
         Ok(Arc::new(store))
@@ -148,6 +152,34 @@ impl ImageStore {
             .iter()
             .map(|l| self.snapshots.path(&l.chain_id))
             .collect()
+    }
+
+    /// Keeps the layers (chain ids) while the container `holder` exists.
+    pub fn hold(&self, holder: &str, chains: Vec<Digest>) {
+        self.held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(holder.to_string(), chains);
+    }
+
+    /// Lets go of what `holder` kept, and collects what no one uses now.
+    pub fn release(self: &Arc<Self>, holder: &str) {
+        self.held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(holder);
+        self.collect_in_background();
+    }
+
+    /// Collects garbage on a task of its own: it waits for pulls in flight,
+    /// and the caller need not.
+    fn collect_in_background(self: &Arc<Self>) {
+        let store = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store.collect_garbage().await {
+                tracing::warn!(error = %e, "image garbage collection failed");
+            }
+        });
     }
 
     /// Removes the name `name`; the image goes when no name is left, and its
@@ -190,13 +222,7 @@ impl ImageStore {
                 catalog.put(image)?;
             }
         }
-        let store = self.clone();
-        // Collecting waits for pulls in flight; the caller need not.
-        tokio::spawn(async move {
-            if let Err(e) = store.collect_garbage().await {
-                tracing::warn!(error = %e, "image garbage collection failed");
-            }
-        });
+        self.collect_in_background();
         Ok(())
     }
 
@@ -216,6 +242,8 @@ impl ImageStore {
                     chains.insert(layer.chain_id.clone());
                 }
             }
+            let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+            chains.extend(held.values().flatten().cloned());
             (blobs, chains)
         };
         for (digest, _) in self.content.list()? {
@@ -246,6 +274,13 @@ impl ImageStore {
     pub fn mountpoint(&self) -> &Path {
         &self.dir
     }
+}
+
+/// Allocated bytes and inodes below `path`.
+pub fn disk_usage_of(path: &Path) -> DiskUsage {
+    let mut usage = DiskUsage::default();
+    add_usage(path, &mut usage);
+    usage
 }
 
 /// Adds up allocated bytes and inodes below `path`, not following symlinks and

@@ -119,6 +119,9 @@ pub struct ContainerRecord {
     pub config: ContainerConfig,
     /// The image id (config digest).
     pub image_id: String,
+    /// Chain ids of the image's layers: its rootfs, kept while it exists.
+    #[serde(default)]
+    pub layers: Vec<crate::image::digest::Digest>,
     /// Unix nanoseconds.
     pub created_at: i64,
     /// Absolute path of the CRI log file; empty if the pod has no log directory.

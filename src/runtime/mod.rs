@@ -639,6 +639,7 @@ impl Runtime {
             .await;
         match result {
             Ok(record) => {
+                self.images.hold(&id, record.layers.clone());
                 let status = monitor::read_status(&paths.bundle)?;
                 let (tx, _) = watch::channel(status);
                 self.tables()
@@ -833,6 +834,7 @@ impl Runtime {
             id: id.to_string(),
             pod_id: pod.id.clone(),
             image_id: image.id.to_string(),
+            layers: image.layers.iter().map(|l| l.chain_id.clone()).collect(),
             created_at: now_nanos(),
             log_path,
             cgroup,
@@ -1044,6 +1046,7 @@ impl Runtime {
             .container_names
             .remove(&container_name_key(&entry.record));
         self.cpu.forget(&entry.record.cgroup);
+        self.images.release(&id);
         self.emit(&id, &entry.record.pod_id, EventKind::Deleted);
         tracing::info!(container = %id, "container removed");
         Ok(())

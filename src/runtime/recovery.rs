@@ -109,6 +109,7 @@ impl Runtime {
                 live = false;
             }
             let id = record.id.clone();
+            self.images.hold(&id, record.layers.clone());
             {
                 let mut t = self.tables();
                 t.container_names
