@@ -50,6 +50,8 @@ pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
 const NETNS_DIR: &str = "/run/netns";
 /// Where containerd 1.6 puts its shims' sockets (a fixed path).
 const SHIM_SOCKET_DIR: &str = "/run/containerd/s";
+/// containerd's CNI network, named in the comments of the plugins' rules.
+const CONTAINERD_CNI_NETWORK: &str = "berth-bench-containerd";
 /// The cgroup runc puts containerd's CRI containers under when the pod
 /// names no cgroup parent: containerd's namespace.
 const CONTAINERD_CGROUP: &str = "k8s.io";
@@ -555,6 +557,7 @@ impl Daemon {
                 let _ = std::fs::remove_dir(&parent);
             }
         }
+        left.extend(crate::network::remove_cni_rules(CONTAINERD_CNI_NETWORK));
         if let Some(bridge) = &self.cni_bridge
             && Path::new("/sys/class/net").join(bridge).exists()
         {
@@ -758,7 +761,7 @@ fn containerd_config(
 fn containerd_cni_conflist(bridge: &str, ipam_dir: &Path) -> String {
     serde_json::json!({
         "cniVersion": "1.0.0",
-        "name": "berth-bench-containerd",
+        "name": CONTAINERD_CNI_NETWORK,
         "plugins": [
             {
                 "type": "bridge",

@@ -218,14 +218,7 @@ impl Built<'_> {
                 .args(["link", "del", &self.cni.bridge])
                 .output();
         }
-        let rules = Command::new("iptables-save")
-            .args(["-t", "nat"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
-        for rule in rules.lines().filter(|l| l.contains(CNI_NETWORK)) {
-            left.push(format!("iptables rule {rule}"));
-        }
+        left.extend(remove_cni_rules(CNI_NETWORK));
         left
     }
 }
@@ -290,6 +283,95 @@ impl Cni {
         exec_plugin("bridge", "DEL", id, netns, &bridge_del)?;
         Ok((set_up, started.elapsed().as_secs_f64()))
     }
+}
+
+/// Removes the iptables nat rules that name the CNI network `network` in
+/// their comment (the bridge plugin's masquerade, portmap's DNAT), and the
+/// per-pod `CNI-…` chains they jump to; normally there are none, as DEL
+/// removes them. Returns a line for each rule found.
+pub fn remove_cni_rules(network: &str) -> Vec<String> {
+    let saved = Command::new("iptables-save")
+        .args(["-t", "nat"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let quoted = format!("\\\"{network}\\\"");
+    let mut left = Vec::new();
+    let mut chains = Vec::new();
+    for rule in saved.lines().filter(|l| l.contains(&quoted)) {
+        let words = shell_words(rule);
+        let Some(("-A", chain, spec)) = words
+            .split_first()
+            .and_then(|(a, rest)| rest.split_first().map(|(c, s)| (a.as_str(), c, s)))
+        else {
+            continue;
+        };
+        let removed = Command::new("iptables")
+            .args(["-t", "nat", "-D", chain])
+            .args(spec)
+            .output()
+            .is_ok_and(|o| o.status.success());
+        left.push(format!(
+            "iptables rule `{rule}`: {}",
+            if removed {
+                "removed"
+            } else {
+                "cannot remove it"
+            }
+        ));
+        if let Some(target) = spec.iter().skip_while(|w| *w != "-j").nth(1)
+            && target.starts_with("CNI-")
+            && !target.starts_with("CNI-HOSTPORT-")
+        {
+            chains.push(target.clone());
+        }
+    }
+    for chain in chains {
+        let _ = Command::new("iptables")
+            .args(["-t", "nat", "-F", &chain])
+            .output();
+        let _ = Command::new("iptables")
+            .args(["-t", "nat", "-X", &chain])
+            .output();
+    }
+    left
+}
+
+/// The words of one iptables-save line: split at blanks, double quotes
+/// grouping, backslash escaping the next character inside them.
+fn shell_words(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut in_word = false;
+    let mut quoted = false;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                in_word = true;
+            }
+            '\\' if quoted => {
+                if let Some(next) = chars.next() {
+                    word.push(next);
+                }
+            }
+            c if c.is_whitespace() && !quoted => {
+                if in_word {
+                    words.push(std::mem::take(&mut word));
+                    in_word = false;
+                }
+            }
+            c => {
+                word.push(c);
+                in_word = true;
+            }
+        }
+    }
+    if in_word {
+        words.push(word);
+    }
+    words
 }
 
 /// Runs one CNI plugin; returns its result (ADD) or null (DEL).

@@ -585,9 +585,10 @@ impl Node {
         Ok((containers_time, pods_time))
     }
 
-    /// Stops and removes every pod the daemon lists, `batch` at a time.
+    /// Stops and removes every pod the daemon lists, `batch` at a time;
+    /// also after an interrupt.
     async fn remove_all(&mut self, batch: usize) -> Result<(), String> {
-        let pods = call(
+        let pods = call_to_the_end(
             &self.daemon,
             "ListPodSandbox",
             self.client
@@ -601,7 +602,7 @@ impl Node {
                 let mut client = self.client.clone();
                 let daemon = &self.daemon;
                 async move {
-                    call(
+                    call_to_the_end(
                         daemon,
                         "StopPodSandbox",
                         client.stop_pod_sandbox(StopPodSandboxRequest {
@@ -609,7 +610,7 @@ impl Node {
                         }),
                     )
                     .await?;
-                    call(
+                    call_to_the_end(
                         daemon,
                         "RemovePodSandbox",
                         client.remove_pod_sandbox(RemovePodSandboxRequest {
@@ -764,6 +765,19 @@ async fn call<T>(
     what: &str,
     fut: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 ) -> Result<T, String> {
+    tokio::select! {
+        r = call_to_the_end(daemon, what, fut) => r,
+        () = procfs::interrupted() => Err("interrupted".to_string()),
+    }
+}
+
+/// [`call`] that an interrupt does not cut short: for the cleanup, which
+/// must run after one.
+async fn call_to_the_end<T>(
+    daemon: &Daemon,
+    what: &str,
+    fut: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, String> {
     let fail = |e: String| {
         format!(
             "{} {what}: {e}; its log ends:\n{}",
@@ -771,13 +785,10 @@ async fn call<T>(
             daemon.log_tail(20)
         )
     };
-    tokio::select! {
-        r = tokio::time::timeout(CALL_TIMEOUT, fut) => match r {
-            Err(_) => Err(fail(format!("no answer within {CALL_TIMEOUT:?}"))),
-            Ok(Err(status)) => Err(fail(status.to_string())),
-            Ok(Ok(response)) => Ok(response.into_inner()),
-        },
-        () = procfs::interrupted() => Err("interrupted".to_string()),
+    match tokio::time::timeout(CALL_TIMEOUT, fut).await {
+        Err(_) => Err(fail(format!("no answer within {CALL_TIMEOUT:?}"))),
+        Ok(Err(status)) => Err(fail(status.to_string())),
+        Ok(Ok(response)) => Ok(response.into_inner()),
     }
 }
 

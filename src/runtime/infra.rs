@@ -124,6 +124,8 @@ pub fn start(exe: &Path, cgroup_procs: &[PathBuf], pin: &Path) -> Result<i32, Ru
         })
     })();
     if let Err(e) = pinned {
+        // Ours since a moment ago, so its pid cannot have been reused: kill it.
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
         stop(pid, pin);
         return Err(e);
     }
