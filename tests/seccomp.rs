@@ -462,14 +462,40 @@ fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
 
+/// Makes a bundle's spec as heavy as berthd's: its mounts (with binds of
+/// hostname, hosts and resolv.conf) and its masked and readonly paths.
+fn berthd_like(bundle: &Bundle, spec: &mut serde_json::Value) {
+    let mut binds = Vec::new();
+    for name in ["hostname", "hosts", "resolv.conf"] {
+        let file = bundle.path().join(name);
+        std::fs::write(&file, "x\n").expect("write");
+        binds.push(
+            json!({"destination": format!("/etc/{name}"), "type": "bind",
+            "source": file, "options": ["rbind", "rw"]}),
+        );
+    }
+    let mounts = spec["mounts"].as_array_mut().expect("mounts");
+    mounts.extend([
+        json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]}),
+        json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}),
+        json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
+    ]);
+    mounts.extend(binds);
+    spec["linux"]["maskedPaths"] = json!(berth::runtime::spec::MASKED_PATHS);
+    spec["linux"]["readonlyPaths"] = json!(berth::runtime::spec::READONLY_PATHS);
+}
+
 /// Creates (and removes) containers with and without RuntimeDefault,
 /// interleaved, and prints the medians of create: berthd's part (profile,
-/// cache lookup, program file) plus `monitor::launch` (monitor, init setup
-/// up to "created", which loads the filter when no_new_privs is off).
+/// cache lookup, program file, config.json) plus `monitor::launch`
+/// (monitor, init setup up to "created", which loads the filter when
+/// no_new_privs is off). The spec is as heavy as berthd's, but there are no
+/// cgroups, overlay mount or records, which berthd's create adds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement; run by hand"]
 async fn creation_cost() {
-    const ROUNDS: usize = 30;
+    const ROUNDS: usize = 60;
     let cache = SeccompCache::new();
     let profile = seccomp::default_profile(&default_caps());
     let start = Instant::now();
@@ -487,6 +513,7 @@ async fn creation_cost() {
         let mut bundle = Bundle::new("berth-seccomp-cost-");
         let started = Instant::now();
         let mut s = spec(&["true"], 0, false);
+        berthd_like(&bundle, &mut s);
         if filtered {
             let profile = seccomp::default_profile(&default_caps());
             s["linux"]["seccomp"] = serde_json::to_value(&profile).expect("profile json");
@@ -563,22 +590,112 @@ fn load_cost() {
             // SAFETY: getpid has no arguments and no side effects.
             unsafe { libc::syscall(libc::SYS_getpid) };
         }
-        started.elapsed() / CALLS
+        let getpid = started.elapsed() / CALLS;
+        let started = Instant::now();
+        for _ in 0..CALLS {
+            // SAFETY: personality(0xffffffff) only reads the persona; its
+            // argument makes the filter evaluate it (no cached verdict).
+            unsafe { libc::personality(0xffff_ffff) };
+        }
+        (getpid, started.elapsed() / CALLS)
     };
+    let time = |what: &str, f: &mut dyn FnMut()| {
+        let mut times = Vec::new();
+        for _ in 0..50 {
+            let started = Instant::now();
+            f();
+            times.push(started.elapsed());
+        }
+        println!("{what}: {:.1} us", median(times).as_secs_f64() * 1e6);
+    };
+    time("default_profile", &mut || {
+        seccomp::default_profile(&default_caps());
+    });
+    let profile = seccomp::default_profile(&default_caps());
+    let plain = spec(&["true"], 0, false);
+    let mut with = plain.clone();
+    with["linux"]["seccomp"] = serde_json::to_value(&profile).expect("value");
+    time("profile to_value", &mut || {
+        serde_json::to_value(&profile).expect("value");
+    });
+    let plain_bytes = serde_json::to_vec_pretty(&plain).expect("json");
+    let with_bytes = serde_json::to_vec_pretty(&with).expect("json");
+    println!(
+        "config.json: {} vs {} bytes",
+        plain_bytes.len(),
+        with_bytes.len()
+    );
+    time("write config.json without", &mut || {
+        serde_json::to_vec_pretty(&plain).expect("json");
+    });
+    time("write config.json with", &mut || {
+        serde_json::to_vec_pretty(&with).expect("json");
+    });
+    time("parse Spec without", &mut || {
+        serde_json::from_slice::<oci_spec::runtime::Spec>(&plain_bytes).expect("spec");
+    });
+    time("parse Spec with", &mut || {
+        serde_json::from_slice::<oci_spec::runtime::Spec>(&with_bytes).expect("spec");
+    });
+    let cache = SeccompCache::new();
+    cache.get_or_compile(&profile).expect("compile");
+    time("cache hit", &mut || {
+        cache.get_or_compile(&profile).expect("hit");
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join(seccomp::PROGRAM_FILE);
+    let program = cache.get_or_compile(&profile).expect("hit");
+    time("write program file over the last", &mut || {
+        program.write(&file).expect("write")
+    });
+    let mut n = 0;
+    time("write a new program file", &mut || {
+        n += 1;
+        program
+            .write(&dir.path().join(format!("{n}.bpf")))
+            .expect("write")
+    });
+    time("program_for (read, verify)", &mut || {
+        seccomp::program_for(&profile, Some(&file)).expect("read");
+    });
     let full = seccomp::default_profile(&default_caps());
     let mut native = full.clone();
     native.set_architectures(None);
-    println!("getpid unfiltered: {:?}", getpid_cost());
+    println!("unfiltered: getpid, personality {:?}", getpid_cost());
+    let tiny: LinuxSeccomp = serde_json::from_value(json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "syscalls": [{"names": ["keyctl"], "action": "SCMP_ACT_ERRNO"}],
+    }))
+    .expect("tiny");
+    // Interleaved, so that the load of the machine hits every variant alike.
+    let variants: Vec<(&str, Option<Arc<Program>>)> = vec![
+        ("no filter", None),
+        ("tiny filter", Some(compiled(&tiny))),
+        ("native-only default", Some(compiled(&native))),
+        ("default", Some(compiled(&full))),
+    ];
+    let mut times = vec![Vec::new(); variants.len()];
+    for _ in 0..ROUNDS * 3 {
+        for ((_, program), times) in variants.iter().zip(&mut times) {
+            let started = Instant::now();
+            run_under(program.clone(), Path::new("/bin/true"), &[]);
+            times.push(started.elapsed());
+        }
+    }
+    for ((name, _), times) in variants.iter().zip(times) {
+        println!("spawn /bin/true with {name}: {}", ms(median(times)));
+    }
     for (name, profile) in [("x86_64+x86+x32", full), ("native only", native)] {
         let started = Instant::now();
         let program = Arc::new(Program::compile(&profile).expect("compile"));
         let compile = started.elapsed();
         let mut loads = Vec::new();
-        let mut calls = Vec::new();
+        let mut getpids = Vec::new();
+        let mut personalities = Vec::new();
         for _ in 0..ROUNDS {
             let program = Arc::clone(&program);
             // A thread of its own: the filter stays with it and ends with it.
-            let (load, call) = std::thread::spawn(move || {
+            let (load, (getpid, personality)) = std::thread::spawn(move || {
                 let started = Instant::now();
                 program.install().expect("install");
                 (started.elapsed(), getpid_cost())
@@ -586,14 +703,16 @@ fn load_cost() {
             .join()
             .expect("join");
             loads.push(load);
-            calls.push(call);
+            getpids.push(getpid);
+            personalities.push(personality);
         }
         println!(
-            "{name}: {} instructions, compile {}, load {} , getpid {:?} (medians)",
+            "{name}: {} instructions, compile {}, load {}, getpid {:?}, personality {:?} (medians)",
             program.instructions(),
             ms(compile),
             ms(median(loads)),
-            median(calls)
+            median(getpids),
+            median(personalities)
         );
     }
 }

@@ -783,12 +783,25 @@ exit 0
         let err = net.set_up(&s.pod("p1")).expect_err("no config");
         assert!(err.to_string().contains("no CNI network config"), "{err}");
         s.write_conf("10-a.conflist", "1.0.0", "a", &["fake", "absent"]);
-        let err = net.set_up(&s.pod("p1")).expect_err("absent plugin");
+        // The watcher thread picks the new config up a moment after the write.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let err = loop {
+            let err = net.set_up(&s.pod("p1")).expect_err("absent plugin");
+            if err.to_string().contains("plugin absent not found")
+                || std::time::Instant::now() > deadline
+            {
+                break err;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
         assert!(err.to_string().contains("plugin absent not found"), "{err}");
         assert!(s.log().is_empty(), "nothing ran: {:?}", s.log());
         assert!(net.attachment("p1").is_none());
 
         s.write_conf("10-a.conflist", "1.0.0", "a", &["fake", "fake"]);
+        while net.readiness() != NetworkReadiness::Ready && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         std::fs::write(s.dir.path().join("log.addfail"), "").expect("addfail");
         let err = net.set_up(&s.pod("p1")).expect_err("ADD fails");
         assert!(

@@ -158,6 +158,62 @@ impl Cgroups {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// Kills every process in `rel` and the cgroups below it (EXPERIMENT).
+    pub fn kill_all(&self, rel: &str) {
+        let Ok(dirs) = self.dirs(rel) else { return };
+        for _ in 0..100 {
+            let mut any = false;
+            for dir in &dirs {
+                let mut stack = vec![dir.clone()];
+                while let Some(d) = stack.pop() {
+                    for pid in fs::read_to_string(d.join("cgroup.procs"))
+                        .unwrap_or_default()
+                        .lines()
+                    {
+                        if let Ok(pid) = pid.trim().parse::<i32>() {
+                            any = true;
+                            let _ = nix::sys::signal::kill(
+                                nix::unistd::Pid::from_raw(pid),
+                                nix::sys::signal::Signal::SIGKILL,
+                            );
+                        }
+                    }
+                    for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+                        if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                            stack.push(e.path());
+                        }
+                    }
+                }
+            }
+            if !any {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Removes `rel` and every cgroup below it, deepest first (EXPERIMENT).
+    pub fn remove_tree(&self, rel: &str) {
+        self.kill_all(rel);
+        let Ok(dirs) = self.dirs(rel) else { return };
+        for dir in dirs {
+            let mut all = Vec::new();
+            let mut stack = vec![dir];
+            while let Some(d) = stack.pop() {
+                for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+                    if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                        stack.push(e.path());
+                    }
+                }
+                all.push(d);
+            }
+            all.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+            for d in all {
+                let _ = remove_dir_retrying(&d);
+            }
+        }
+    }
+
     /// Removes `rel` where it is empty; a cgroup still in use stays, silently.
     pub fn remove_if_empty(&self, rel: &str) {
         if let Ok(dirs) = self.dirs(rel) {

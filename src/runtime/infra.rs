@@ -150,7 +150,13 @@ pub fn stop(pid: i32, pin: &Path) {
         let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
         // It is not our child: wait for /proc to forget it, briefly.
         for _ in 0..200 {
-            if !Path::new(&format!("/proc/{pid}")).exists() {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // EXPERIMENT: a zombie nobody reaps yet is gone too.
+            if stat.is_empty()
+                || stat
+                    .rsplit_once(") ")
+                    .is_some_and(|(_, r)| r.starts_with('Z'))
+            {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(5));

@@ -534,6 +534,7 @@ impl Runtime {
             pod.state = PodState::NotReady;
             (pod.clone(), was_ready)
         };
+        store::write_json(&self.pod_paths(&id).record(), &record, Durability::Crash)?;
         if was_ready {
             // Network teardown enters namespaces and runs tools: off the async workers.
             tokio::task::block_in_place(|| {
@@ -901,6 +902,7 @@ impl Runtime {
                 tracing::warn!(container = %id, dir = %dir.display(), error = %e, "cannot remove");
             }
         }
+        self.cgroups.kill_all(&format!("{pod_cgroup}/{id}"));
         if let Err(e) = self.cgroups.remove(&format!("{pod_cgroup}/{id}")) {
             tracing::warn!(container = %id, error = %e, "cannot remove the container's cgroup");
         }
@@ -917,6 +919,14 @@ impl Runtime {
             .ok()
             .filter(|s| state_of(s) == ContainerState::Exited)
             .unwrap_or_else(|| {
+                if let Some(cg) = self
+                    .tables()
+                    .containers
+                    .get(&id)
+                    .map(|e| e.record.cgroup.clone())
+                {
+                    self.cgroups.kill_all(&cg);
+                }
                 lost_status("the container's monitor died before recording an exit")
             });
         tracing::info!(container = %id, exit_code = status.exit_code, reason = %status.reason, "container exited");

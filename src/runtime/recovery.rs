@@ -74,6 +74,12 @@ impl Runtime {
                     tracing::warn!(pod = %pod.id, error = %e, "cannot record the pod as stopped");
                 }
             }
+            if pod.state == PodState::NotReady
+                && let Some(pid) = pod.infra_pid
+            {
+                // EXPERIMENT: finish a stop a crash cut short.
+                super::infra::stop(pid, &self.pod_paths(&pod.id).ns.join("pid"));
+            }
             let mut t = self.tables();
             t.pod_names
                 .insert(PodRecord::reserved_name(&pod.config), pod.id.clone());
@@ -96,8 +102,10 @@ impl Runtime {
                     continue;
                 }
             };
+            let mut late = false;
             let mut status = monitor::read_status(&bundle).unwrap_or_else(|e| {
                 tracing::warn!(container = %record.id, error = %e, "no monitor status");
+                late = true;
                 lost_status("the container's monitor left no status")
             });
             let mut live = matches!(
@@ -118,7 +126,44 @@ impl Runtime {
                 t.containers
                     .insert(id.clone(), ContainerEntry { record, status: tx });
             }
+            if late && !rebooted {
+                // EXPERIMENT: a monitor still being created writes its status late.
+                let runtime = self.clone();
+                let bundle = bundle.clone();
+                tokio::spawn(async move {
+                    for _ in 0..50 {
+                        if let Ok(s) = monitor::read_status(&bundle) {
+                            tracing::info!(container = %id, "monitor status appeared late");
+                            if let Some(e) = runtime.tables().containers.get(&id) {
+                                e.status.send_replace(s.clone());
+                            }
+                            if matches!(
+                                state_of(&s),
+                                ContainerState::Created | ContainerState::Running
+                            ) {
+                                runtime.watch_container(id).await;
+                            }
+                            return;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                });
+                continue;
+            }
             if live {
+                let rel = format!("{}/monitors", self.config.cgroup.parent);
+                let _ = self.cgroups.create(&rel);
+                if let (Ok(files), Some(pid)) = (
+                    self.cgroups.procs_files(&rel),
+                    self.tables()
+                        .containers
+                        .get(&id)
+                        .map(|e| e.status.borrow().monitor_pid),
+                ) {
+                    for f in files {
+                        let _ = std::fs::write(f, pid.to_string());
+                    }
+                }
                 let runtime = self.clone();
                 tokio::spawn(async move { runtime.watch_container(id).await });
             }
@@ -141,6 +186,48 @@ impl Runtime {
                 namespace::remove_pins(&entry.path(), &ALL_PINS);
                 let _ = std::fs::remove_file(entry.path().join("pid"));
                 let _ = std::fs::remove_dir(entry.path());
+            }
+        }
+        // EXPERIMENT: cgroups no record owns.
+        let parent = self.config.cgroup.parent.clone();
+        let pod_cgroups: Vec<(String, String)> = {
+            let t = self.tables();
+            t.pods
+                .values()
+                .map(|p| (p.id.clone(), p.cgroup.clone()))
+                .collect()
+        };
+        if let Ok(dirs) = self.cgroups.dirs(&parent) {
+            for dir in dirs {
+                for e in entries(&dir) {
+                    if !e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                        continue;
+                    }
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if name == "monitors" {
+                        continue;
+                    }
+                    if !pods.contains(&name) {
+                        tracing::info!(pod = %name, "removing an orphaned pod cgroup");
+                        self.cgroups.remove_tree(&format!("{parent}/{name}"));
+                    }
+                }
+            }
+        }
+        for (_, cgroup) in &pod_cgroups {
+            if let Ok(dirs) = self.cgroups.dirs(cgroup) {
+                for dir in dirs {
+                    for e in entries(&dir) {
+                        if !e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                            continue;
+                        }
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        if !containers.contains(&name) {
+                            tracing::info!(container = %name, "removing an orphaned container cgroup");
+                            self.cgroups.remove_tree(&format!("{cgroup}/{name}"));
+                        }
+                    }
+                }
             }
         }
         for entry in entries(&self.config.root.join("containers")) {

@@ -1118,20 +1118,12 @@ impl Program {
         Ok(program)
     }
 
-    /// Writes the program to `path` (temporary file and rename, so a reader
-    /// never sees half of it).
+    /// Writes the program to `path`. No temporary file and rename: a reader
+    /// takes only a whole program of its own profile ([`program_for`]).
     pub fn write(&self, path: &Path) -> Result<(), SeccompError> {
-        let io = |source| SeccompError::Io {
+        std::fs::write(path, self.to_bytes()).map_err(|source| SeccompError::Io {
             what: format!("write {}", path.display()),
             source,
-        };
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        std::fs::write(&tmp, self.to_bytes()).map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            io(e)
         })
     }
 
