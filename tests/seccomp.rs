@@ -4,7 +4,9 @@
 //! through the real container path (`berthd monitor`, the init, `berthd
 //! exec-in`). Checks RuntimeDefault (EPERM for namespaces, keyctl, mount;
 //! ENOSYS for clone3; threads work), a Localhost profile, inheritance across
-//! exec, and when the init loads the filter. Needs root and gcc.
+//! exec, and when the init loads the filter; and through CRI on a real
+//! berthd, which profile a container gets and how a bad Localhost profile
+//! fails CreateContainer. Needs root and gcc.
 
 mod common;
 
@@ -17,9 +19,16 @@ use std::time::{Duration, Instant};
 
 use berth::monitor::{self, MonitorStatus, exec_sync};
 use berth::runtime::seccomp::{self, Program, SeccompCache};
+use common::berthd::Berthd;
 use common::bundle::{BERTHD, Bundle, default_caps, spec};
+use common::fixtures::{self, Fixture};
+use common::registry::Registry;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::security_profile::ProfileType;
+use k8s_cri::v1::*;
 use oci_spec::runtime::LinuxSeccomp;
 use serde_json::json;
+use tonic::transport::Channel;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -451,6 +460,251 @@ async fn exec_in_gets_the_containers_filter() {
 }
 
 // ---------------------------------------------------------------------------
+// Through CRI.
+
+struct Node {
+    berthd: Berthd,
+    _registry: Registry,
+    busybox: String,
+    logs: tempfile::TempDir,
+    pod: String,
+    pod_config: PodSandboxConfig,
+}
+
+async fn node() -> Node {
+    let registry = Registry::start().expect("registry");
+    let pushed = fixtures::push(&registry, Fixture::BusyboxLatest).expect("push busybox");
+    let berthd = Berthd::start();
+    berthd
+        .images()
+        .await
+        .pull_image(PullImageRequest {
+            image: Some(ImageSpec {
+                image: pushed.reference.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("pull busybox");
+    let logs = tempfile::tempdir().expect("log dir");
+    let pod_config = PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: "seccomp".into(),
+            uid: "uid-seccomp".into(),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: "seccomp".into(),
+        log_directory: logs.path().display().to_string(),
+        ..Default::default()
+    };
+    let pod = berthd
+        .runtime()
+        .await
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(pod_config.clone()),
+            runtime_handler: String::new(),
+        })
+        .await
+        .expect("RunPodSandbox")
+        .into_inner()
+        .pod_sandbox_id;
+    Node {
+        berthd,
+        _registry: registry,
+        busybox: pushed.reference,
+        logs,
+        pod,
+        pod_config,
+    }
+}
+
+fn profile(typ: ProfileType, localhost_ref: &str) -> Option<SecurityProfile> {
+    Some(SecurityProfile {
+        profile_type: typ as i32,
+        localhost_ref: localhost_ref.to_string(),
+    })
+}
+
+impl Node {
+    fn config(
+        &self,
+        name: &str,
+        script: &str,
+        seccomp: Option<SecurityProfile>,
+    ) -> ContainerConfig {
+        ContainerConfig {
+            metadata: Some(ContainerMetadata {
+                name: name.to_string(),
+                attempt: 0,
+            }),
+            image: Some(ImageSpec {
+                image: self.busybox.clone(),
+                ..Default::default()
+            }),
+            command: vec!["sh".into(), "-c".into(), script.into()],
+            log_path: format!("{name}.log"),
+            linux: Some(LinuxContainerConfig {
+                security_context: Some(LinuxContainerSecurityContext {
+                    seccomp,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    async fn create(
+        &self,
+        rt: &mut RuntimeServiceClient<Channel>,
+        config: ContainerConfig,
+    ) -> Result<String, tonic::Status> {
+        rt.create_container(CreateContainerRequest {
+            pod_sandbox_id: self.pod.clone(),
+            config: Some(config),
+            sandbox_config: Some(self.pod_config.clone()),
+        })
+        .await
+        .map(|r| r.into_inner().container_id)
+    }
+
+    /// Stops and removes the pod and its containers: berthd's harness
+    /// checks that nothing is left.
+    async fn finish(self) {
+        let mut rt = self.berthd.runtime().await;
+        rt.stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: self.pod.clone(),
+        })
+        .await
+        .expect("StopPodSandbox");
+        rt.remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: self.pod.clone(),
+        })
+        .await
+        .expect("RemovePodSandbox");
+    }
+
+    /// Creates, starts and waits for the container; returns its log text.
+    async fn run(&self, rt: &mut RuntimeServiceClient<Channel>, config: ContainerConfig) -> String {
+        let name = config.metadata.as_ref().expect("metadata").name.clone();
+        let id = self.create(rt, config).await.expect("CreateContainer");
+        rt.start_container(StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .expect("StartContainer");
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let status = rt
+                .container_status(ContainerStatusRequest {
+                    container_id: id.clone(),
+                    verbose: false,
+                })
+                .await
+                .expect("ContainerStatus")
+                .into_inner()
+                .status
+                .expect("status");
+            if status.state == ContainerState::ContainerExited as i32 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{name} did not exit: {status:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let log = std::fs::read_to_string(self.logs.path().join(format!("{name}.log")))
+            .unwrap_or_default();
+        log.lines()
+            .filter_map(|l| l.splitn(4, ' ').nth(3))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_cri_containers_get_the_profile_they_ask_for() {
+    let node = node().await;
+    let mut rt = node.berthd.runtime().await;
+    let script = "grep Seccomp: /proc/self/status; mkdir /tmp/d 2>&1 || true; echo end";
+    let log = node
+        .run(
+            &mut rt,
+            node.config("default", script, profile(ProfileType::RuntimeDefault, "")),
+        )
+        .await;
+    assert!(log.contains("Seccomp:\t2"), "{log}");
+    assert!(!log.contains("can't create"), "{log}");
+    let log = node
+        .run(
+            &mut rt,
+            node.config("unconfined", script, profile(ProfileType::Unconfined, "")),
+        )
+        .await;
+    assert!(log.contains("Seccomp:\t0"), "{log}");
+    // No profile named: unconfined, as in Kubernetes.
+    let log = node.run(&mut rt, node.config("unset", script, None)).await;
+    assert!(log.contains("Seccomp:\t0"), "{log}");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let no_mkdir = dir.path().join("no-mkdir.json");
+    std::fs::write(
+        &no_mkdir,
+        r#"{"defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO"}]}"#,
+    )
+    .expect("write profile");
+    let localhost = profile(ProfileType::Localhost, &no_mkdir.display().to_string());
+    let log = node
+        .run(&mut rt, node.config("localhost", script, localhost))
+        .await;
+    assert!(log.contains("Seccomp:\t2"), "{log}");
+    assert!(log.contains("Operation not permitted"), "{log}");
+    assert!(log.contains("end"), "{log}");
+    node.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_cri_a_missing_or_malformed_localhost_profile_fails_create() {
+    let node = node().await;
+    let mut rt = node.berthd.runtime().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("missing.json");
+    let malformed = dir.path().join("malformed.json");
+    std::fs::write(
+        &malformed,
+        r#"{"defaultAction": "SCMP_ACT_ERRNO", "syscalls": ["#,
+    )
+    .expect("write");
+    for (name, path, words) in [
+        ("missing", &missing, "no such file"),
+        ("malformed", &malformed, "not a valid OCI seccomp profile"),
+    ] {
+        let config = node.config(
+            name,
+            "true",
+            profile(ProfileType::Localhost, &path.display().to_string()),
+        );
+        let err = node.create(&mut rt, config).await.expect_err(name);
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains(words), "{}", err.message());
+        assert!(
+            err.message().contains(&path.display().to_string()),
+            "{}",
+            err.message()
+        );
+    }
+    let listed = rt
+        .list_containers(ListContainersRequest::default())
+        .await
+        .expect("ListContainers")
+        .into_inner()
+        .containers;
+    assert!(listed.is_empty(), "nothing half-made: {listed:?}");
+    node.finish().await;
+}
+
+// ---------------------------------------------------------------------------
 // Cost: `cargo test --test seccomp -- --ignored --nocapture creation_cost`.
 
 fn median(mut samples: Vec<Duration>) -> Duration {
@@ -495,85 +749,61 @@ fn berthd_like(bundle: &Bundle, spec: &mut serde_json::Value) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement; run by hand"]
 async fn creation_cost() {
-    const ROUNDS: usize = 60;
+    const ROUNDS: usize = 40;
     let cache = SeccompCache::new();
     let profile = seccomp::default_profile(&default_caps());
-    let start = Instant::now();
-    let first = Program::compile(&profile).expect("compile");
-    let compile_time = start.elapsed();
-    let start = Instant::now();
-    for _ in 0..100 {
-        seccomp::profile_key(&profile).expect("key");
-    }
-    let key_time = start.elapsed() / 100;
-    let mut without = Vec::new();
-    let mut with = Vec::new();
-    for round in 0..ROUNDS * 2 {
-        let filtered = round % 2 == 1;
-        let mut bundle = Bundle::new("berth-seccomp-cost-");
-        let started = Instant::now();
-        let mut s = spec(&["true"], 0, false);
-        berthd_like(&bundle, &mut s);
-        if filtered {
-            let profile = seccomp::default_profile(&default_caps());
-            s["linux"]["seccomp"] = serde_json::to_value(&profile).expect("profile json");
-            let program = cache.get_or_compile(&profile).expect("compile");
-            program
-                .write(&bundle.path().join(seccomp::PROGRAM_FILE))
-                .expect("write program");
+    let started = Instant::now();
+    let first = cache.get_or_compile(&profile).expect("compile");
+    println!(
+        "compile RuntimeDefault once: {} ({} instructions)",
+        ms(started.elapsed()),
+        first.instructions()
+    );
+    // Without seccomp; RuntimeDefault loaded at create (no_new_privs off,
+    // Kubernetes' default); RuntimeDefault loaded at start (no_new_privs on).
+    let variants = [("without seccomp", None), ("RuntimeDefault", Some(false))];
+    let variants = [
+        variants[0],
+        variants[1],
+        ("RuntimeDefault, no_new_privs", Some(true)),
+    ];
+    let mut times = vec![Vec::new(); variants.len()];
+    for _ in 0..ROUNDS {
+        for ((_, seccomp), times) in variants.iter().zip(&mut times) {
+            let mut bundle = Bundle::new("berth-seccomp-cost-");
+            let started = Instant::now();
+            let mut s = spec(&["true"], 0, seccomp.unwrap_or(false));
+            berthd_like(&bundle, &mut s);
+            if seccomp.is_some() {
+                let profile = seccomp::default_profile(&default_caps());
+                s["linux"]["seccomp"] = serde_json::to_value(&profile).expect("profile json");
+                let program = cache.get_or_compile(&profile).expect("compile");
+                program
+                    .write(&bundle.path().join(seccomp::PROGRAM_FILE))
+                    .expect("write program");
+            }
+            bundle.write(s);
+            let created = bundle.launch().await.expect("create");
+            times.push(started.elapsed());
+            let loaded = if *seccomp == Some(false) { "2" } else { "0" };
+            assert_eq!(seccomp_mode(created.init_pid), loaded);
+            let mut control = bundle.connect().await;
+            let watch = bundle.connect().await;
+            control.kill(libc::SIGKILL, true).await.expect("kill");
+            tokio::time::timeout(WAIT, watch.wait_closed())
+                .await
+                .expect("exit");
         }
-        bundle.write(s);
-        let created = bundle.launch().await.expect("create");
-        let took = started.elapsed();
-        if filtered {
-            assert_eq!(seccomp_mode(created.init_pid), "2");
-            with.push(took);
-        } else {
-            without.push(took);
-        }
-        let mut control = bundle.connect().await;
-        let watch = bundle.connect().await;
-        control.kill(libc::SIGKILL, true).await.expect("kill");
-        tokio::time::timeout(WAIT, watch.wait_closed())
-            .await
-            .expect("exit");
     }
-    let program = Arc::new(first.clone());
-    let mut spawn_plain = Vec::new();
-    let mut spawn_filtered = Vec::new();
-    for round in 0..ROUNDS * 2 {
-        let filtered = round % 2 == 1;
-        let started = Instant::now();
-        run_under(
-            filtered.then(|| Arc::clone(&program)),
-            Path::new("/bin/true"),
-            &[],
+    let base = median(times[0].clone());
+    for ((name, _), times) in variants.iter().zip(times) {
+        let m = median(times);
+        println!(
+            "create, median of {ROUNDS}, {name}: {} ({:+.1}%)",
+            ms(m),
+            (m.as_secs_f64() / base.as_secs_f64() - 1.0) * 100.0
         );
-        let took = started.elapsed();
-        if filtered {
-            spawn_filtered.push(took);
-        } else {
-            spawn_plain.push(took);
-        }
     }
-    println!(
-        "spawn /bin/true, median of {ROUNDS}: plain {}, filter loaded before exec {}",
-        ms(median(spawn_plain)),
-        ms(median(spawn_filtered))
-    );
-    let (a, b) = (median(without), median(with));
-    println!(
-        "compile RuntimeDefault once: {} ({} instructions); profile key: {}",
-        ms(compile_time),
-        first.instructions(),
-        ms(key_time)
-    );
-    println!(
-        "create, median of {ROUNDS}: without seccomp {}, with RuntimeDefault {} ({:+.1}%)",
-        ms(a),
-        ms(b),
-        (b.as_secs_f64() / a.as_secs_f64() - 1.0) * 100.0
-    );
 }
 
 /// Time to load a filter and what it adds to a cheap syscall, for the
@@ -685,7 +915,16 @@ fn load_cost() {
     for ((name, _), times) in variants.iter().zip(times) {
         println!("spawn /bin/true with {name}: {}", ms(median(times)));
     }
-    for (name, profile) in [("x86_64+x86+x32", full), ("native only", native)] {
+    let mut no_x32 = full.clone();
+    no_x32.set_architectures(Some(vec![
+        oci_spec::runtime::Arch::ScmpArchX86_64,
+        oci_spec::runtime::Arch::ScmpArchX86,
+    ]));
+    for (name, profile) in [
+        ("x86_64+x86+x32", full),
+        ("x86_64+x86", no_x32),
+        ("native only", native),
+    ] {
         let started = Instant::now();
         let program = Arc::new(Program::compile(&profile).expect("compile"));
         let compile = started.elapsed();
@@ -715,4 +954,62 @@ fn load_cost() {
             median(personalities)
         );
     }
+}
+
+/// CreateContainer through CRI on a real berthd, with and without
+/// RuntimeDefault, interleaved:
+/// `cargo test --release --test seccomp -- --ignored --nocapture cri_creation_cost`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; run by hand"]
+async fn cri_creation_cost() {
+    const ROUNDS: usize = 150;
+    let node = node().await;
+    let mut rt = node.berthd.runtime().await;
+    // RuntimeDefault is loaded at create without no_new_privs (Kubernetes'
+    // default), at start with it.
+    let variants = [
+        ("without seccomp", None, false),
+        (
+            "RuntimeDefault",
+            profile(ProfileType::RuntimeDefault, ""),
+            false,
+        ),
+        ("without seccomp, no_new_privs", None, true),
+        (
+            "RuntimeDefault, no_new_privs",
+            profile(ProfileType::RuntimeDefault, ""),
+            true,
+        ),
+    ];
+    let mut times = vec![Vec::new(); variants.len()];
+    for round in 0..ROUNDS + 2 {
+        for (i, (_, seccomp, nnp)) in variants.iter().enumerate() {
+            let mut config = node.config(&format!("c{round}-{i}"), "true", seccomp.clone());
+            if let Some(linux) = config.linux.as_mut()
+                && let Some(security) = linux.security_context.as_mut()
+            {
+                security.no_new_privs = *nnp;
+            }
+            let started = Instant::now();
+            let id = node.create(&mut rt, config).await.expect("CreateContainer");
+            // The first rounds warm up (and compile the profile once).
+            if round >= 2 {
+                times[i].push(started.elapsed());
+            }
+            rt.remove_container(RemoveContainerRequest { container_id: id })
+                .await
+                .expect("RemoveContainer");
+        }
+    }
+    let base = median(times[0].clone());
+    for ((name, _, _), times) in variants.iter().zip(times) {
+        let m = median(times);
+        println!(
+            "CreateContainer, median of {ROUNDS}, {name}: {} ({:+.1}%)",
+            ms(m),
+            (m.as_secs_f64() / base.as_secs_f64() - 1.0) * 100.0
+        );
+    }
+    drop(rt);
+    node.finish().await;
 }

@@ -799,7 +799,7 @@ impl Runtime {
             let program = self
                 .seccomp
                 .get_or_compile(&profile)
-                .map_err(|e| RuntimeError::InvalidArgument(format!("seccomp profile: {e}")))?;
+                .map_err(|e| RuntimeError::InvalidArgument(e.to_string()))?;
             program
                 .write(&paths.bundle.join(seccomp::PROGRAM_FILE))
                 .map_err(|e| RuntimeError::Io {
@@ -874,7 +874,7 @@ impl Runtime {
             }
             container::SeccompChoice::Localhost(path) => seccomp::load_localhost(Path::new(path))
                 .map(Some)
-                .map_err(|e| RuntimeError::InvalidArgument(format!("seccomp profile {path}: {e}"))),
+                .map_err(|e| RuntimeError::InvalidArgument(e.to_string())),
         }
     }
 
