@@ -35,6 +35,13 @@ pub struct Config {
     pub log_level: String,
     /// How long a clean shutdown waits for requests in flight.
     pub shutdown_timeout_secs: u64,
+    /// Containers keep running while berthd is stopped or restarted. When
+    /// false, a clean shutdown first stops every container (stop signal,
+    /// then SIGKILL after `shutdown_timeout_secs`), as Docker does by default.
+    pub live_restore: bool,
+    /// Seconds between garbage-collection passes over leftovers no record
+    /// owns (one always runs at start); 0 turns the periodic pass off.
+    pub gc_interval_secs: u64,
     pub cgroup: CgroupConfig,
     pub network: NetworkConfig,
     pub runtime_handlers: Vec<RuntimeHandlerConfig>,
@@ -179,6 +186,8 @@ impl Default for Config {
             socket: PathBuf::from("/run/berth/berth.sock"),
             log_level: "info".to_string(),
             shutdown_timeout_secs: 10,
+            live_restore: true,
+            gc_interval_secs: 600,
             cgroup: CgroupConfig::default(),
             network: NetworkConfig::default(),
             runtime_handlers: vec![RuntimeHandlerConfig::default()],

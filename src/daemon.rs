@@ -173,6 +173,28 @@ fn pod_network(config: &Config) -> Result<Arc<dyn PodNetwork>, DaemonError> {
     Ok(Arc::new(bridge))
 }
 
+/// Image garbage collection now, then passes over images and the runtime's
+/// orphans every `interval_secs` (never when 0).
+async fn collect_garbage(images: Arc<ImageStore>, runtime: Arc<Runtime>, interval_secs: u64) {
+    let mut first = true;
+    loop {
+        if let Err(e) = images.collect_garbage().await {
+            tracing::warn!(error = %e, "image garbage collection failed");
+        }
+        if !first {
+            let runtime = runtime.clone();
+            if let Err(e) = tokio::task::spawn_blocking(move || runtime.remove_orphans()).await {
+                tracing::warn!(error = %e, "garbage collection of the runtime failed");
+            }
+        }
+        first = false;
+        if interval_secs == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(interval_secs)).await;
+    }
+}
+
 /// Runs berthd until a termination signal, then shuts down cleanly.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
     let config = Arc::new(config);
@@ -187,15 +209,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let network = pod_network(&config)?;
     let runtime = Runtime::open(config.clone(), cgroups.clone(), images.clone(), network)
         .map_err(DaemonError::Runtime)?;
-    {
-        // Leftovers of crashed pulls go; after recovery, so containers' layers are held.
-        let images = images.clone();
-        tokio::spawn(async move {
-            if let Err(e) = images.collect_garbage().await {
-                tracing::warn!(error = %e, "image garbage collection at start failed");
-            }
-        });
-    }
+    // Leftovers of crashed pulls go; after recovery, so containers' layers
+    // are held. Recovery removed the runtime's own orphans already.
+    let collector = tokio::spawn(collect_garbage(
+        images.clone(),
+        runtime.clone(),
+        config.gc_interval_secs,
+    ));
     let runtime_for_shutdown = runtime.clone();
     let stream = crate::stream::StreamServer::start(&config.stream, runtime.clone())
         .await
@@ -255,7 +275,12 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             }
         }
     };
+    collector.abort();
     let _ = fs::remove_file(&config.socket);
+    if !config.live_restore {
+        let grace = Duration::from_secs(config.shutdown_timeout_secs);
+        runtime_for_shutdown.stop_all_containers(grace).await;
+    }
     runtime_for_shutdown.shut_down();
     // The parent of pod cgroups goes when no pod is left in it.
     cgroups.remove_if_empty(&config.cgroup.parent);

@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use berth::cni::bridge::host_veth_name;
-use common::berthd::Berthd;
+use common::berthd::{Berthd, BerthdOptions};
 use common::fixtures::{self, Fixture};
 use common::registry::Registry;
 use hyper_util::rt::TokioIo;
@@ -64,9 +64,13 @@ struct Node {
 }
 
 async fn node() -> Node {
+    node_with(BerthdOptions::default()).await
+}
+
+async fn node_with(options: BerthdOptions) -> Node {
     let registry = Registry::start().expect("registry");
     let pushed = fixtures::push(&registry, Fixture::BusyboxLatest).expect("push busybox");
-    let berthd = Berthd::start();
+    let berthd = Berthd::start_with(options);
     berthd
         .images()
         .await
@@ -1433,10 +1437,6 @@ fn free_port() -> i32 {
     i32::from(l.local_addr().expect("local addr").port())
 }
 
-// Known to fail: a CreateContainer cut by a kill before the monitor wrote
-// its status leaves a container that can never start (recovery must roll it
-// back or wait for the monitor). Run with --ignored; fix before un-ignoring.
-#[ignore = "exposes an open recovery bug: half-launched containers are not rolled back"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn churn_under_fifty_kills_keeps_records_true_and_leaves_nothing() {
     let seed = churn_seed();
@@ -2082,4 +2082,207 @@ async fn a_restart_with_100_running_containers_answers_at_once() {
     println!("{MANY} pods removed in {:?}", started.elapsed());
     let remains = remains_after_removal(&node.berthd, &BTreeSet::new());
     assert!(remains.is_empty(), "left after removal: {remains:#?}");
+}
+
+// ---------------------------------------------------------------------------
+// Without live restore, and a creation cut before it was recorded.
+// ---------------------------------------------------------------------------
+
+/// A pod named `name` with one TICKER container `c` started in it.
+async fn ticking_pod(rt: &mut Rt, node: &Node, name: &str) -> (PodSandboxConfig, String, String) {
+    let config = pod_config(node.logs.path(), name, &[]);
+    let pod = run_pod(rt, &config).await;
+    let id = create_and_start(
+        rt,
+        &pod,
+        &config,
+        container_config(&node.busybox, "c", TICKER),
+    )
+    .await;
+    (config, pod, id)
+}
+
+/// `live_restore: false`: SIGTERM stops every container first, politely
+/// where the container listens and with SIGKILL after the grace where not;
+/// the restarted berthd reports them exited with those codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_live_restore_a_clean_shutdown_stops_every_container() {
+    let mut node = node_with(BerthdOptions {
+        extra_config: "live_restore: false\nshutdown_timeout_secs: 2\n".to_string(),
+    })
+    .await;
+    let mut rt = node.berthd.runtime().await;
+    let config = pod_config(node.logs.path(), "no-restore", &[]);
+    let pod = run_pod(&mut rt, &config).await;
+    let polite = create_and_start(
+        &mut rt,
+        &pod,
+        &config,
+        container_config(&node.busybox, "polite", TICKER),
+    )
+    .await;
+    let deaf = create_and_start(
+        &mut rt,
+        &pod,
+        &config,
+        container_config(
+            &node.busybox,
+            "deaf",
+            &["sh", "-c", "trap '' TERM; exec sleep 3600"],
+        ),
+    )
+    .await;
+    let mut pids = Vec::new();
+    for id in [&polite, &deaf] {
+        let (_, pid) = status_pid(&mut rt, id).await.expect("status");
+        assert!(alive(pid), "container {} runs as {pid}", short(id));
+        pids.push(pid);
+    }
+    drop(rt);
+
+    let status = tokio::task::block_in_place(|| node.berthd.stop_with(Signal::SIGTERM));
+    assert!(status.success(), "berthd exits 0 on SIGTERM: {status}");
+    for pid in &pids {
+        assert!(!alive(*pid), "container process {pid} outlived berthd");
+    }
+    assert!(monitors_of(&node.berthd.state_dir).is_empty());
+
+    tokio::task::block_in_place(|| node.berthd.spawn());
+    let mut rt = node.berthd.runtime().await;
+    for (id, code) in [(&polite, 143), (&deaf, 137)] {
+        let (s, _) = status_pid(&mut rt, id).await.expect("status after restart");
+        assert_eq!(
+            (state_name(s.state), s.exit_code),
+            ("CONTAINER_EXITED", code),
+            "container {}: {} {}",
+            short(id),
+            s.reason,
+            s.message
+        );
+    }
+    let pods = rt
+        .list_pod_sandbox(ListPodSandboxRequest::default())
+        .await
+        .expect("ListPodSandbox")
+        .into_inner()
+        .items;
+    assert_eq!(pods.len(), 1, "the pod is kept: {pods:?}");
+    remove_all_pods(&mut rt).await;
+}
+
+/// A CreateContainer cut by a kill after the monitor was launched but before
+/// the record was written: the restarted berthd ends the monitor and removes
+/// every piece, and the same name can be created again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_creation_cut_before_its_record_is_rolled_back() {
+    let mut node = node().await;
+    let mut rt = node.berthd.runtime().await;
+    let (config, pod, id) = ticking_pod(&mut rt, &node, "cut").await;
+    let (_, pid) = status_pid(&mut rt, &id).await.expect("status");
+    drop(rt);
+    tokio::task::block_in_place(|| node.berthd.stop_with(Signal::SIGKILL));
+    // What a kill between the monitor's launch and the record leaves.
+    let bundle = node.berthd.state_dir.join("containers").join(&id);
+    std::fs::remove_file(bundle.join("container.json")).expect("remove the record");
+    let monitor = monitor_pid(&node.berthd.state_dir, &id).expect("the monitor runs");
+
+    tokio::task::block_in_place(|| node.berthd.spawn());
+    let mut rt = node.berthd.runtime().await;
+    let listed = rt
+        .list_containers(ListContainersRequest::default())
+        .await
+        .expect("ListContainers")
+        .into_inner()
+        .containers;
+    assert!(listed.is_empty(), "nothing is listed: {listed:?}");
+    for p in [pid, monitor] {
+        assert!(!alive(p), "process {p} of the cut creation still runs");
+    }
+    assert!(!bundle.exists(), "the bundle is removed");
+    assert!(
+        !node.berthd.root.join("containers").join(&id).exists(),
+        "the writable layer is removed"
+    );
+    let again = create_and_start(
+        &mut rt,
+        &pod,
+        &config,
+        container_config(&node.busybox, "c", TICKER),
+    )
+    .await;
+    assert_ne!(again, id);
+    remove_all_pods(&mut rt).await;
+}
+
+/// The periodic garbage-collection pass removes leftovers only this instance
+/// can own (under its state dir, root and cgroup parent), logs each, and
+/// leaves a live pod and container alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_periodic_collector_removes_orphans_and_keeps_the_living() {
+    let node = node_with(BerthdOptions {
+        extra_config: "gc_interval_secs: 1\n".to_string(),
+    })
+    .await;
+    let mut rt = node.berthd.runtime().await;
+    let (_, pod, id) = ticking_pod(&mut rt, &node, "living").await;
+
+    let orphan = "0".repeat(64);
+    // A writable layer without a bundle, apart from the half-made container.
+    let layer = "1".repeat(64);
+    let state = &node.berthd.state_dir;
+    let made = [
+        state.join("containers").join(&orphan),
+        state.join("pods").join(&orphan),
+        state.join("ns").join(&orphan),
+        node.berthd
+            .root
+            .join("containers")
+            .join(&layer)
+            .join("upper"),
+    ];
+    for dir in &made {
+        std::fs::create_dir_all(dir).expect("make an orphan");
+    }
+    let cgroups: Vec<PathBuf> = cgroup_roots()
+        .into_iter()
+        .filter(|r| r.join(&node.berthd.names.cgroup_parent).is_dir())
+        .map(|r| r.join(&node.berthd.names.cgroup_parent).join(&orphan))
+        .collect();
+    assert!(!cgroups.is_empty(), "berth's cgroup parent exists");
+    for cg in &cgroups {
+        std::fs::create_dir(cg).expect("make an orphan cgroup");
+    }
+
+    // The writable layer's own directory must go, not just what is in it.
+    let watched: Vec<PathBuf> = made[..3]
+        .iter()
+        .cloned()
+        .chain([node.berthd.root.join("containers").join(&layer)])
+        .chain(cgroups.iter().cloned())
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let left = loop {
+        let left: Vec<&PathBuf> = watched.iter().filter(|p| p.exists()).collect();
+        if left.is_empty() || Instant::now() >= deadline {
+            break left;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(left.is_empty(), "orphans left after 10 s: {left:?}");
+    let log = node.berthd.log();
+    for what in [
+        "removing a half-made container",
+        "removing a half-made pod",
+        "removing orphaned namespace pins",
+        "removing an orphaned writable layer",
+        "removing an orphaned pod cgroup",
+    ] {
+        assert!(log.contains(what), "the log says {what:?}");
+    }
+    let (s, pid) = status_pid(&mut rt, &id).await.expect("status");
+    assert_eq!(state_name(s.state), "CONTAINER_RUNNING");
+    assert!(alive(pid));
+    assert!(state.join("containers").join(&id).is_dir());
+    assert!(state.join("pods").join(&pod).is_dir());
+    remove_all_pods(&mut rt).await;
 }

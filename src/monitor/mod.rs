@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use client::{ExecOutput, MonitorConnection, exec_sync, launch, read_status};
+pub use client::{ExecOutput, MonitorConnection, exec_sync, kill_launched, launch, read_status};
 pub use exec::exec_in;
 pub use session::{
     AttachInput, AttachOutput, AttachStreams, ExecInput, ExecOutputStream, ExecProcess,

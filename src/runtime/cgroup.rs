@@ -158,7 +158,7 @@ impl Cgroups {
         first_error.map_or(Ok(()), Err)
     }
 
-    /// Kills every process in `rel` and the cgroups below it (EXPERIMENT).
+    /// Kills every process in `rel` and the cgroups below it.
     pub fn kill_all(&self, rel: &str) {
         let Ok(dirs) = self.dirs(rel) else { return };
         for _ in 0..100 {
@@ -192,7 +192,7 @@ impl Cgroups {
         }
     }
 
-    /// Removes `rel` and every cgroup below it, deepest first (EXPERIMENT).
+    /// Removes `rel` and every cgroup below it, deepest first.
     pub fn remove_tree(&self, rel: &str) {
         self.kill_all(rel);
         let Ok(dirs) = self.dirs(rel) else { return };

@@ -151,7 +151,7 @@ pub fn stop(pid: i32, pin: &Path) {
         // It is not our child: wait for /proc to forget it, briefly.
         for _ in 0..200 {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            // EXPERIMENT: a zombie nobody reaps yet is gone too.
+            // A zombie nobody has reaped yet is as good as gone.
             if stat.is_empty()
                 || stat
                     .rsplit_once(") ")

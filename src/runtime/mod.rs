@@ -295,6 +295,20 @@ impl Runtime {
         RuntimeReadiness::Ready
     }
 
+    /// Stops every container that runs or waits to start, all at once, each
+    /// with its stop signal and then SIGKILL after `grace`: a shutdown
+    /// without live restore.
+    pub async fn stop_all_containers(&self, grace: Duration) {
+        let ids: Vec<String> = self.tables().containers.keys().cloned().collect();
+        let stops = ids.iter().map(|id| async move {
+            if let Err(e) = self.stop_container(id, grace).await {
+                tracing::warn!(container = %id, error = %e, "cannot stop the container");
+            }
+        });
+        futures_util::future::join_all(stops).await;
+        tracing::info!(containers = ids.len(), "every container stopped");
+    }
+
     /// A clean shutdown: with no pod left, the node-wide network objects go too.
     pub fn shut_down(&self) {
         // Monitors of removed containers may take a moment to leave it.
@@ -569,7 +583,7 @@ impl Runtime {
         let Some(record) = self.tables().pods.get(&id).cloned() else {
             return Ok(());
         };
-        self.tear_down_pod(&record);
+        tokio::task::block_in_place(|| self.tear_down_pod(&record));
         let mut t = self.tables();
         t.pods.remove(&id);
         t.pod_names
@@ -654,6 +668,9 @@ impl Runtime {
                 Ok(id)
             }
             Err(e) => {
+                // A monitor may be up already if a later step failed.
+                let bundle = paths.bundle.clone();
+                let _ = tokio::task::spawn_blocking(move || monitor::kill_launched(&bundle)).await;
                 self.discard_container(&id, &pod.cgroup, &paths);
                 self.tables().container_names.remove(&key);
                 Err(e)
@@ -846,7 +863,6 @@ impl Runtime {
             groups: user.groups,
             config,
         };
-        store::write_json(&paths.record(), &record, Durability::Crash)?;
         let exe = self.exe.clone();
         let bundle = paths.bundle.clone();
         tokio::task::spawn_blocking(move || monitor::launch(&exe, &bundle))
@@ -856,6 +872,9 @@ impl Runtime {
                 source: std::io::Error::other(e),
             })??;
         self.adopt_monitor(&paths.bundle)?;
+        // The record commits the creation: a bundle without one is half-made
+        // and recovery rolls it back.
+        store::write_json(&paths.record(), &record, Durability::Crash)?;
         Ok(record)
     }
 
@@ -1051,7 +1070,10 @@ impl Runtime {
             .rsplit_once('/')
             .map(|(p, _)| p.to_string())
             .unwrap_or_default();
-        self.discard_container(&id, &pod_cgroup, &self.container_paths(&id));
+        // Unmounting and deleting the writable layer block: off the async workers.
+        tokio::task::block_in_place(|| {
+            self.discard_container(&id, &pod_cgroup, &self.container_paths(&id))
+        });
         self.tables()
             .container_names
             .remove(&container_name_key(&entry.record));

@@ -3,6 +3,7 @@
 //! in half is rolled back, and after a reboot (a new kernel boot id) every
 //! container is reported exited and stale pins are dropped.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -51,15 +52,8 @@ impl Runtime {
             let mut pod = match store::read_json::<PodRecord>(&dir.join("pod.json")) {
                 Ok(pod) => pod,
                 Err(e) => {
-                    // A pod whose start a crash cut short: undo what it made.
-                    tracing::info!(dir = %dir.display(), error = %e, "removing a half-made pod");
-                    let id = entry.file_name().to_string_lossy().into_owned();
-                    let paths = self.pod_paths(&id);
-                    namespace::remove_pins(&paths.ns, &ALL_PINS);
-                    rootfs::unmount(&paths.shm());
-                    self.cgroups
-                        .remove_if_empty(&format!("{}/{id}", self.config.cgroup.parent));
-                    let _ = std::fs::remove_dir_all(&dir);
+                    // A start a crash cut short: the orphan pass undoes it.
+                    tracing::debug!(dir = %dir.display(), error = %e, "a pod without a record");
                     continue;
                 }
             };
@@ -77,7 +71,7 @@ impl Runtime {
             if pod.state == PodState::NotReady
                 && let Some(pid) = pod.infra_pid
             {
-                // EXPERIMENT: finish a stop a crash cut short.
+                // A stop that a crash cut short: finish it.
                 super::infra::stop(pid, &self.pod_paths(&pod.id).ns.join("pid"));
             }
             let mut t = self.tables();
@@ -93,19 +87,14 @@ impl Runtime {
             let record = match store::read_json::<ContainerRecord>(&bundle.join("container.json")) {
                 Ok(r) => r,
                 Err(e) => {
-                    tracing::info!(bundle = %bundle.display(), error = %e, "removing a half-made container");
-                    let id = entry.file_name().to_string_lossy().into_owned();
-                    let paths = self.container_paths(&id);
-                    rootfs::unmount(&paths.rootfs());
-                    let _ = std::fs::remove_dir_all(&paths.layer);
-                    let _ = std::fs::remove_dir_all(&bundle);
+                    // A creation cut before its record: the orphan pass undoes it.
+                    tracing::debug!(bundle = %bundle.display(), error = %e, "a container without a record");
                     continue;
                 }
             };
-            let mut late = false;
+            // A committed container's monitor wrote its status before the record.
             let mut status = monitor::read_status(&bundle).unwrap_or_else(|e| {
                 tracing::warn!(container = %record.id, error = %e, "no monitor status");
-                late = true;
                 lost_status("the container's monitor left no status")
             });
             let mut live = matches!(
@@ -126,43 +115,10 @@ impl Runtime {
                 t.containers
                     .insert(id.clone(), ContainerEntry { record, status: tx });
             }
-            if late && !rebooted {
-                // EXPERIMENT: a monitor still being created writes its status late.
-                let runtime = self.clone();
-                let bundle = bundle.clone();
-                tokio::spawn(async move {
-                    for _ in 0..50 {
-                        if let Ok(s) = monitor::read_status(&bundle) {
-                            tracing::info!(container = %id, "monitor status appeared late");
-                            if let Some(e) = runtime.tables().containers.get(&id) {
-                                e.status.send_replace(s.clone());
-                            }
-                            if matches!(
-                                state_of(&s),
-                                ContainerState::Created | ContainerState::Running
-                            ) {
-                                runtime.watch_container(id).await;
-                            }
-                            return;
-                        }
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    }
-                });
-                continue;
-            }
             if live {
-                let rel = format!("{}/monitors", self.config.cgroup.parent);
-                let _ = self.cgroups.create(&rel);
-                if let (Ok(files), Some(pid)) = (
-                    self.cgroups.procs_files(&rel),
-                    self.tables()
-                        .containers
-                        .get(&id)
-                        .map(|e| e.status.borrow().monitor_pid),
-                ) {
-                    for f in files {
-                        let _ = std::fs::write(f, pid.to_string());
-                    }
+                // Back into berth's monitors cgroup, should anything have moved it.
+                if let Err(e) = self.adopt_monitor(&bundle) {
+                    tracing::warn!(container = %id, error = %e, "cannot adopt the monitor");
                 }
                 let runtime = self.clone();
                 tokio::spawn(async move { runtime.watch_container(id).await });
@@ -170,15 +126,44 @@ impl Runtime {
         }
     }
 
-    /// Pins and writable layers that no record owns are leftovers of a crash.
-    fn remove_orphans(&self) {
-        let (pods, containers): (Vec<String>, Vec<String>) = {
+    /// Removes what no record owns and no creation in flight has reserved:
+    /// halves of pod and container creations a crash cut short, namespace
+    /// pins, cgroups and writable layers. Everything looked at is under
+    /// berth's own state dir, root and cgroup parent. Runs at start and then
+    /// periodically; blocking.
+    pub fn remove_orphans(&self) {
+        let (pods, containers): (HashSet<String>, HashSet<String>) = {
             let t = self.tables();
             (
-                t.pods.keys().cloned().collect(),
-                t.containers.keys().cloned().collect(),
+                t.pods.keys().chain(t.pod_names.values()).cloned().collect(),
+                t.containers
+                    .keys()
+                    .chain(t.container_names.values())
+                    .cloned()
+                    .collect(),
             )
         };
+        for entry in entries(&self.config.state_dir.join("containers")) {
+            let id = entry.file_name().to_string_lossy().into_owned();
+            if !containers.contains(&id) {
+                // The client never got this id. A launch may still be under way: end it.
+                tracing::info!(container = %id, "removing a half-made container");
+                let paths = self.container_paths(&id);
+                monitor::kill_launched(&paths.bundle);
+                rootfs::unmount(&paths.rootfs());
+                let _ = std::fs::remove_dir_all(&paths.layer);
+                let _ = std::fs::remove_dir_all(&paths.bundle);
+            }
+        }
+        for entry in entries(&self.config.state_dir.join("pods")) {
+            let id = entry.file_name().to_string_lossy().into_owned();
+            if !pods.contains(&id) {
+                tracing::info!(pod = %id, "removing a half-made pod");
+                let paths = self.pod_paths(&id);
+                rootfs::unmount(&paths.shm());
+                let _ = std::fs::remove_dir_all(&paths.dir);
+            }
+        }
         for entry in entries(&self.config.state_dir.join("ns")) {
             let id = entry.file_name().to_string_lossy().into_owned();
             if !pods.contains(&id) {
@@ -188,7 +173,7 @@ impl Runtime {
                 let _ = std::fs::remove_dir(entry.path());
             }
         }
-        // EXPERIMENT: cgroups no record owns.
+        // Pod and container cgroups under berth's parent that no record owns.
         let parent = self.config.cgroup.parent.clone();
         let pod_cgroups: Vec<(String, String)> = {
             let t = self.tables();

@@ -45,8 +45,10 @@ pub fn mount_overlay(
         })?;
         lower.push(empty.display().to_string());
     }
+    // volatile: the writable layer dies with its container and a reboot ends
+    // every container, so no syncfs on unmount (the slow part of removal).
     let options = format!(
-        "lowerdir={},upperdir={},workdir={}",
+        "lowerdir={},upperdir={},workdir={},volatile",
         lower.join(":"),
         upper.display(),
         work.display()
