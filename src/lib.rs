@@ -7,7 +7,7 @@ pub mod cri;
 pub mod daemon;
 pub mod image;
 pub mod monitor;
-
+pub mod procs;
 pub mod runtime;
 pub mod store;
 pub mod stream;

@@ -49,7 +49,12 @@ enum Command {
     },
     /// PID 1 of a pod that shares its PID namespace (berthd starts it)
     #[command(hide = true)]
-    PodInfra,
+    PodInfra {
+        /// Where berthd pins its PID namespace: names the pod, and proves
+        /// whose process it is should berthd lose the record.
+        #[arg(long)]
+        pin: Option<PathBuf>,
+    },
     /// Runs a command inside a container (ExecSync), started by berthd
     #[command(hide = true)]
     ExecIn {
@@ -134,7 +139,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         // Both run before any thread exists: they fork and setns.
         Some(Command::Monitor { bundle }) => return Ok(berth::monitor::run(bundle)?),
-        Some(Command::PodInfra) => std::process::exit(berth::runtime::run_pod_infra()),
+        Some(Command::PodInfra { .. }) => std::process::exit(berth::runtime::run_pod_infra()),
         Some(Command::ExecIn {
             bundle,
             init_pid,

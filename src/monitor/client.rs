@@ -59,39 +59,13 @@ pub fn launch(exe: &Path, bundle: &Path) -> Result<(), MonitorError> {
 
 /// Kills every process still running `monitor --bundle BUNDLE`: the
 /// launcher, the monitor and an init that has not exec'd yet all carry that
-/// command line, which names a bundle only this berthd owns. For a creation
-/// that was cut short or failed half-way; blocking, scans /proc.
+/// command line. For a creation that was cut short or failed half-way.
 pub fn kill_launched(bundle: &Path) {
-    let wanted: [&[u8]; 3] = [
+    crate::procs::kill_with_args(&[
         b"monitor",
         b"--bundle",
         bundle.as_os_str().as_encoded_bytes(),
-    ];
-    // A process may fork once more between a scan and its kill: scan again.
-    for _ in 0..20 {
-        let mut found = false;
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-                continue;
-            };
-            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).skip(1).take(3).collect();
-            if args == wanted {
-                found = true;
-                tracing::info!(pid, bundle = %bundle.display(), "killing a cut-short monitor launch");
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
-        if !found {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    ]);
 }
 
 /// The container's status.json: works whether or not its monitor still runs.

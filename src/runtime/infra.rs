@@ -71,23 +71,38 @@ fn pid1() -> ! {
     }
 }
 
-/// Starts the infra process of a pod, puts it into the pod's cgroups, and
-/// pins its PID namespace at `pin`. Returns its pid.
+/// Starts the infra process of a pod in the pod's cgroups and pins its PID
+/// namespace at `pin`. Returns its pid.
 pub fn start(exe: &Path, cgroup_procs: &[PathBuf], pin: &Path) -> Result<i32, RuntimeError> {
     let io = |what: &str| {
         let what = what.to_string();
         move |source| RuntimeError::Io { what, source }
     };
+    // Opened here, written in the child: the infra is born in the pod's
+    // cgroups, so a crash before its pin leaves nothing outside them.
+    let procs: Vec<std::fs::File> = cgroup_procs
+        .iter()
+        .map(|p| std::fs::OpenOptions::new().write(true).open(p))
+        .collect::<Result<_, _>>()
+        .map_err(io("open the pod's cgroups"))?;
     let mut command = Command::new(exe);
     command
         .arg("pod-infra")
+        .arg("--pin")
+        .arg(pin)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: unshare is async-signal-safe; it only changes the namespace
-    // that this child's own children will be born into.
+    // SAFETY: write and unshare are async-signal-safe and allocate nothing;
+    // "0" moves the writing process; the new PID namespace is only the one
+    // this child's own children are born into.
     unsafe {
-        command.pre_exec(|| unshare(CloneFlags::CLONE_NEWPID).map_err(std::io::Error::from));
+        command.pre_exec(move || {
+            for f in &procs {
+                nix::unistd::write(f, b"0").map_err(std::io::Error::from)?;
+            }
+            unshare(CloneFlags::CLONE_NEWPID).map_err(std::io::Error::from)
+        });
     }
     let out = command
         .output()
@@ -106,10 +121,6 @@ pub fn start(exe: &Path, cgroup_procs: &[PathBuf], pin: &Path) -> Result<i32, Ru
             source: std::io::Error::other("no pid printed"),
         })?;
     let pinned = (|| {
-        for procs in cgroup_procs {
-            std::fs::write(procs, pid.to_string())
-                .map_err(io("move the pod infra into its cgroup"))?;
-        }
         std::fs::File::create(pin).map_err(io("create the pid namespace pin"))?;
         nix::mount::mount(
             Some(Path::new(&format!("/proc/{pid}/ns/pid"))),
@@ -149,6 +160,7 @@ pub fn stop(pid: i32, pin: &Path) {
     if same {
         let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
         // It is not our child: wait for /proc to forget it, briefly.
+        let began = std::time::Instant::now();
         for _ in 0..200 {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
             // A zombie nobody has reaped yet is as good as gone.
@@ -161,6 +173,7 @@ pub fn stop(pid: i32, pin: &Path) {
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
+        tracing::debug!(pid, waited = ?began.elapsed(), "pod infra killed");
     }
     if let Err(e) = nix::mount::umount2(pin, nix::mount::MntFlags::MNT_DETACH)
         && e != nix::Error::EINVAL
@@ -169,4 +182,10 @@ pub fn stop(pid: i32, pin: &Path) {
         tracing::warn!(pin = %pin.display(), error = %e, "cannot unpin the pid namespace");
     }
     let _ = std::fs::remove_file(pin);
+}
+
+/// Kills the infra process of a pod whose record is lost, found by its
+/// `--pin` argument (it kills its namespace's processes with it).
+pub fn kill_unrecorded(pin: &Path) {
+    crate::procs::kill_with_args(&[b"pod-infra", b"--pin", pin.as_os_str().as_encoded_bytes()]);
 }

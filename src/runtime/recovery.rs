@@ -71,8 +71,11 @@ impl Runtime {
             if pod.state == PodState::NotReady
                 && let Some(pid) = pod.infra_pid
             {
-                // A stop that a crash cut short: finish it.
-                super::infra::stop(pid, &self.pod_paths(&pod.id).ns.join("pid"));
+                // A stop that a crash cut short: finish it, without holding up
+                // the start (a killed PID 1 waits until every process of its
+                // namespace is reaped, by whoever adopted them).
+                let pin = self.pod_paths(&pod.id).ns.join("pid");
+                tokio::task::spawn_blocking(move || super::infra::stop(pid, &pin));
             }
             let mut t = self.tables();
             t.pod_names
@@ -168,6 +171,7 @@ impl Runtime {
             let id = entry.file_name().to_string_lossy().into_owned();
             if !pods.contains(&id) {
                 tracing::info!(pod = %id, "removing orphaned namespace pins");
+                super::infra::kill_unrecorded(&entry.path().join("pid"));
                 namespace::remove_pins(&entry.path(), &ALL_PINS);
                 let _ = std::fs::remove_file(entry.path().join("pid"));
                 let _ = std::fs::remove_dir(entry.path());

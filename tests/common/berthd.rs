@@ -51,6 +51,9 @@ pub struct BerthdOptions {
 
 pub struct Berthd {
     child: Option<Child>,
+    /// The executable `spawn` runs: this build's berthd unless a test
+    /// (the upgrade test) switches it.
+    pub exe: PathBuf,
     pub dir: tempfile::TempDir,
     pub root: PathBuf,
     pub state_dir: PathBuf,
@@ -72,6 +75,13 @@ impl Berthd {
     /// Like [`Berthd::start_with`], with `network_keys` (YAML lines indented
     /// by two spaces, e.g. `"  mode: cni\n"`) added under `network:`.
     pub fn start_with_network(options: BerthdOptions, network_keys: &str) -> Berthd {
+        let mut berthd = Berthd::prepare(options, network_keys);
+        berthd.spawn();
+        berthd
+    }
+
+    /// An instance with its config written and nothing started yet.
+    pub fn prepare(options: BerthdOptions, network_keys: &str) -> Berthd {
         let dir = tempfile::Builder::new()
             .prefix("berth-test-")
             .tempdir()
@@ -97,8 +107,9 @@ impl Berthd {
         );
         std::fs::write(&config_path, config).expect("write berthd config");
         let log_path = dir.path().join("berthd.log");
-        let mut berthd = Berthd {
+        Berthd {
             child: None,
+            exe: PathBuf::from(BERTHD),
             dir,
             root,
             state_dir,
@@ -106,9 +117,7 @@ impl Berthd {
             config_path,
             names,
             log_path,
-        };
-        berthd.spawn();
-        berthd
+        }
     }
 
     /// Starts (or restarts) the berthd process on this instance's config.
@@ -119,7 +128,7 @@ impl Berthd {
             .append(true)
             .open(&self.log_path)
             .expect("open berthd log");
-        let child = Command::new(BERTHD)
+        let child = Command::new(&self.exe)
             .arg("--config")
             .arg(&self.config_path)
             .stdin(Stdio::null())
@@ -264,6 +273,9 @@ pub fn leaks_of(root: &Path, state_dir: &Path, names: &InstanceNames) -> Vec<Str
             }
         }
     }
+    for (pid, cmdline) in processes_naming(state_dir) {
+        leaks.push(format!("process {pid}: {cmdline}"));
+    }
     let ns_dir = state_dir.join("ns");
     if let Ok(pins) = std::fs::read_dir(&ns_dir) {
         for pin in pins.flatten() {
@@ -273,21 +285,32 @@ pub fn leaks_of(root: &Path, state_dir: &Path, names: &InstanceNames) -> Vec<Str
     leaks
 }
 
-/// Removes what a failed test's berthd left: kills the processes in its
-/// cgroups (containers, pod infra) and its monitors (found by their bundle
-/// under `state_dir`), unmounts its mounts, deletes its bridge, veths,
-/// nftables table and cgroups.
-pub fn force_clean(root: &Path, state_dir: &Path, names: &InstanceNames) {
-    let state = state_dir.display().to_string();
+/// Live processes with `state_dir` in their command line: berthd's monitors
+/// and pod infra processes name their bundle or pin under it. Zombies have
+/// an empty command line.
+fn processes_naming(state_dir: &Path) -> Vec<(i32, String)> {
+    let state = format!(" {}/", state_dir.display());
+    let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
             continue;
         };
         let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.contains(" monitor ") && cmdline.contains(&state) {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        if cmdline.contains(&state) {
+            found.push((pid, cmdline.trim_end().to_string()));
         }
+    }
+    found
+}
+
+/// Removes what a failed test's berthd left: kills the processes in its
+/// cgroups (containers, pod infra) and its monitors (found by their bundle
+/// under `state_dir`), unmounts its mounts, deletes its bridge, veths,
+/// nftables table and cgroups.
+pub fn force_clean(root: &Path, state_dir: &Path, names: &InstanceNames) {
+    for (pid, _) in processes_naming(state_dir) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
     }
     let mut cgroups: Vec<PathBuf> = Vec::new();
     for controller in std::fs::read_dir("/sys/fs/cgroup")
