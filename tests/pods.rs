@@ -649,13 +649,15 @@ async fn a_reboot_reports_every_container_exited() {
     assert!(node.berthd.stop_with(Signal::SIGTERM).success());
 
     // What a reboot does: every process and mount of the old boot is gone.
+    // The monitors go first, or one might record its container's exit.
+    let monitor = format!("monitor\0--bundle\0{}", node.berthd.state_dir.display());
     let monitors: Vec<i32> = std::fs::read_dir("/proc")
         .expect("proc")
         .flatten()
         .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
         .filter(|pid| {
             let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            String::from_utf8_lossy(&cmd).contains(&*node.berthd.state_dir.to_string_lossy())
+            String::from_utf8_lossy(&cmd).contains(&monitor)
         })
         .collect();
     for pid in monitors.iter().chain(std::iter::once(&init_pid)) {

@@ -16,6 +16,7 @@ mod exec_frame;
 mod exec_stream;
 mod init;
 pub mod log;
+mod memory;
 mod process;
 pub mod protocol;
 mod rootfs;
@@ -31,6 +32,7 @@ use serde::{Deserialize, Serialize};
 
 pub use client::{ExecOutput, MonitorConnection, exec_sync, kill_launched, launch, read_status};
 pub use exec::exec_in;
+pub use memory::release_code_pages;
 pub use session::{
     AttachInput, AttachOutput, AttachStreams, ExecInput, ExecOutputStream, ExecProcess,
     ExecStreams, OutputChunk, StreamingExec, exec_stream,

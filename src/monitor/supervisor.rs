@@ -109,6 +109,7 @@ fn supervise(bundle: &Path, report_pipe: OwnedFd) -> i32 {
         }
     };
     report(report_pipe, Ok(()));
+    super::memory::release_code_pages();
     monitor.serve();
     0
 }
@@ -384,6 +385,7 @@ impl Monitor {
                     self.status.state = ContainerState::Running;
                     write_status(&self.bundle, &self.status);
                     self.answer_start_waiters(Ok(()));
+                    super::memory::release_code_pages();
                 }
             }
             Err(e) => {

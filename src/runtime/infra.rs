@@ -56,6 +56,7 @@ fn pid1() -> ! {
         wanted.add(s);
     }
     let _ = wanted.thread_block();
+    crate::monitor::release_code_pages();
     loop {
         match wanted.wait() {
             Ok(Signal::SIGCHLD) => {

@@ -358,8 +358,31 @@ impl Inputs {
             h.update((data.len() as u64).to_le_bytes());
             h.update(data);
         }
+        // The compressors' own output: a different flate2 backend (features
+        // unify across the build) or zstd version gives other bytes.
+        h.update(compressor_fingerprint());
         hex(&h.finalize())[..16].to_string()
     }
+}
+
+/// Gzip and zstd output of a fixed sample, as the layers are compressed.
+fn compressor_fingerprint() -> Vec<u8> {
+    let sample: Vec<u8> = (0..64 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 % 61)
+        .collect();
+    let mut out = Vec::new();
+    for level in [flate2::Compression::fast(), flate2::Compression::default()] {
+        let mut gz = flate2::GzBuilder::new().write(Vec::new(), level);
+        if gz.write_all(&sample).is_ok()
+            && let Ok(blob) = gz.finish()
+        {
+            out.extend_from_slice(&blob);
+        }
+    }
+    if let Ok(blob) = zstd::bulk::compress(&sample, 3) {
+        out.extend_from_slice(&blob);
+    }
+    out
 }
 
 /// The applets a busybox binary provides, sorted, as `--list` prints them.
