@@ -3,6 +3,7 @@
 //! translates. State lives in records under the state dir and in the
 //! monitors, so a restarted berthd finds every pod and container again.
 
+pub mod cdi;
 pub mod cgroup;
 pub mod container;
 pub mod devices;
@@ -57,6 +58,8 @@ pub enum RuntimeError {
     Monitor(#[from] MonitorError),
     #[error(transparent)]
     Network(#[from] NetworkError),
+    #[error(transparent)]
+    Cdi(#[from] cdi::CdiError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -675,7 +678,7 @@ impl Runtime {
         std::fs::create_dir_all(&paths.bundle).map_err(io("create the container bundle"))?;
         rootfs::mount_overlay(layers, &paths.layer, &paths.rootfs())?;
         let rootfs = paths.rootfs();
-        let user = user::resolve(
+        let mut user = user::resolve(
             &user::UserRequest {
                 run_as_user: config.run_as_user,
                 run_as_username: config.run_as_username.clone(),
@@ -722,11 +725,27 @@ impl Runtime {
                 "a privileged container needs a privileged pod sandbox".to_string(),
             ));
         }
-        let device_nodes = if config.privileged {
+        let cdi_edits = cdi::resolve(
+            &self.config.cdi.spec_dirs,
+            &cdi::requested(&config.cdi_devices, &config.annotations)?,
+        )?;
+        let mut device_nodes = if config.privileged {
             devices::host_devices()
         } else {
             devices::requested(&config.devices)?
         };
+        // A CDI node replaces a requested one at the same path.
+        device_nodes.retain(|n| {
+            !cdi_edits
+                .devices
+                .iter()
+                .any(|c| c.container_path == n.container_path)
+        });
+        device_nodes.extend(cdi_edits.devices.iter().cloned());
+        env = container::merge_env(&env, &cdi_edits.env);
+        user.groups.extend(&cdi_edits.gids);
+        user.groups.sort_unstable();
+        user.groups.dedup();
         let cgroup = format!("{}/{id}", pod.cgroup);
         self.cgroups.create(&cgroup)?;
         resources::apply(&self.cgroups, &cgroup, &config.resources)?;
@@ -779,6 +798,7 @@ impl Runtime {
         for m in &mut resolved.mounts {
             m.host_path = host_path(&m.host_path)?;
         }
+        resolved.mounts.extend(cdi_edits.mounts.iter().cloned());
         let spec = spec::build(&spec::SpecInput {
             config: &resolved,
             pod,
