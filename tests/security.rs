@@ -280,3 +280,54 @@ async fn a_cdi_device_arrives_with_its_edits() {
     assert!(err.message().contains("berth.test/net=tun9"), "{err:?}");
     remove_pod(&mut rt, &pod).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_overhead_is_added_to_the_pod_cgroup_berth_makes() {
+    let node = CriNode::start().await;
+    let mut rt = node.runtime().await;
+    let mut pc = node.pod_config("overhead");
+    let linux = pc.linux.get_or_insert_default();
+    linux.resources = Some(LinuxContainerResources {
+        cpu_shares: 512,
+        cpu_quota: 50_000,
+        cpu_period: 100_000,
+        memory_limit_in_bytes: 24 << 20,
+        ..Default::default()
+    });
+    linux.overhead = Some(LinuxContainerResources {
+        cpu_shares: 128,
+        cpu_quota: 25_000,
+        cpu_period: 100_000,
+        memory_limit_in_bytes: 8 << 20,
+        ..Default::default()
+    });
+    let pod = run_pod(&mut rt, &pc).await;
+    let rel = format!("{}/{pod}", node.berthd.names.cgroup_parent);
+    let read = |controller: &str, file: &str| {
+        std::fs::read_to_string(
+            Path::new("/sys/fs/cgroup")
+                .join(controller)
+                .join(&rel)
+                .join(file),
+        )
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|e| format!("{file}: {e}"))
+    };
+    assert_eq!(
+        [
+            read("cpu", "cpu.shares"),
+            read("cpu", "cpu.cfs_quota_us"),
+            read("memory", "memory.limit_in_bytes"),
+        ],
+        ["640".to_string(), "75000".into(), (32u64 << 20).to_string()]
+    );
+    // A container without limits of its own is held by the pod's.
+    let hog = node.container_config("hog", "x=$(yes); echo never");
+    let s = run_to_exit(&mut rt, &pod, &pc, &hog).await;
+    assert_eq!(
+        (s.exit_code, s.reason.as_str()),
+        (137, "OOMKilled"),
+        "{s:?}"
+    );
+    remove_pod(&mut rt, &pod).await;
+}

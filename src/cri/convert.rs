@@ -119,6 +119,8 @@ pub fn pod_config(
         },
         runtime_handler,
         privileged: pod_security.privileged,
+        resources: linux.resources.map(resources).unwrap_or_default(),
+        overhead: linux.overhead.map(resources).unwrap_or_default(),
     })
 }
 

@@ -457,6 +457,16 @@ impl Runtime {
             rootfs::mount_shm(&paths.shm())?;
         }
         self.cgroups.create(&pod.cgroup)?;
+        if pod.owns_cgroup {
+            resources::apply(
+                &self.cgroups,
+                &pod.cgroup,
+                &resources::pod_limits(&pod.config.resources, &pod.config.overhead),
+            )?;
+        } else {
+            // kubelet made and sized this cgroup, overhead included.
+            tracing::debug!(pod = %pod.id, cgroup = %pod.cgroup, "pod limits left to the cgroup's owner");
+        }
         if pod.config.namespaces.pid == NamespaceMode::Pod {
             let procs = self.cgroups.procs_files(&pod.cgroup)?;
             pod.infra_pid = Some(infra::start(&self.exe, &procs, &paths.ns.join("pid"))?);
