@@ -6,6 +6,7 @@
 pub mod cdi;
 pub mod cgroup;
 pub mod container;
+pub mod device_filter;
 pub mod devices;
 pub mod handler;
 mod infra;
