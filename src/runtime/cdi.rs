@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::container::{Mount, Propagation};
+use super::container::{Mount, Propagation, merge_env};
 use super::devices::{self, DeviceNode};
 
 /// Annotations kubelet's device plugins use to ask for CDI devices: the value
@@ -120,6 +120,30 @@ pub struct Edits {
     pub devices: Vec<DeviceNode>,
     pub mounts: Vec<Mount>,
     pub gids: Vec<u32>,
+}
+
+impl Edits {
+    /// Adds the edits to a container's device nodes (replacing one at the
+    /// same path), env (overriding its values) and supplemental groups
+    /// (kept sorted, as they are reported).
+    pub fn merge_into(
+        &self,
+        nodes: &mut Vec<DeviceNode>,
+        env: &mut Vec<String>,
+        groups: &mut Vec<u32>,
+    ) {
+        nodes.retain(|n| {
+            !self
+                .devices
+                .iter()
+                .any(|c| c.container_path == n.container_path)
+        });
+        nodes.extend(self.devices.iter().cloned());
+        *env = merge_env(env, &self.env);
+        groups.extend(&self.gids);
+        groups.sort_unstable();
+        groups.dedup();
+    }
 }
 
 /// The devices a container asks for: its CDI device list, then the names in
@@ -577,6 +601,27 @@ devices:
         assert_eq!(edits.mounts.len(), 1, "the spec's mount once");
         assert!(edits.mounts[0].readonly);
         assert_eq!(edits.gids, [44]);
+        let mut nodes = crate::runtime::devices::requested(&[crate::runtime::container::Device {
+            container_path: "/dev/null".into(),
+            host_path: "/dev/zero".into(),
+            permissions: "r".into(),
+        }])
+        .expect("zero");
+        let mut env = vec!["DEV=mine".to_string(), "KEEP=1".to_string()];
+        let mut groups = vec![0, 100];
+        edits.merge_into(&mut nodes, &mut env, &mut groups);
+        assert_eq!(
+            nodes.len(),
+            3,
+            "the CDI /dev/null replaced the requested one"
+        );
+        assert!(
+            nodes
+                .iter()
+                .any(|n| n.container_path == "/dev/null" && n.minor == 3)
+        );
+        assert!(env.contains(&"DEV=two".to_string()) && env.contains(&"KEEP=1".to_string()));
+        assert_eq!(groups, [0, 44, 100]);
     }
 
     #[test]

@@ -736,27 +736,17 @@ impl Runtime {
                 "a privileged container needs a privileged pod sandbox".to_string(),
             ));
         }
-        let cdi_edits = cdi::resolve(
-            &self.config.cdi.spec_dirs,
-            &cdi::requested(&config.cdi_devices, &config.annotations)?,
-        )?;
+        let cdi_names = cdi::requested(&config.cdi_devices, &config.annotations)?;
+        let cdi_edits = cdi::resolve(&self.config.cdi.spec_dirs, &cdi_names)?;
         let mut device_nodes = if config.privileged {
             devices::host_devices()
         } else {
             devices::requested(&config.devices)?
         };
-        // A CDI node replaces a requested one at the same path.
-        device_nodes.retain(|n| {
-            !cdi_edits
-                .devices
-                .iter()
-                .any(|c| c.container_path == n.container_path)
-        });
-        device_nodes.extend(cdi_edits.devices.iter().cloned());
-        env = container::merge_env(&env, &cdi_edits.env);
-        user.groups.extend(&cdi_edits.gids);
-        user.groups.sort_unstable();
-        user.groups.dedup();
+        if !cdi_names.is_empty() {
+            tracing::info!(pod = %pod.id, container = %id, devices = ?cdi_names, "CDI devices");
+            cdi_edits.merge_into(&mut device_nodes, &mut env, &mut user.groups);
+        }
         let cgroup = format!("{}/{id}", pod.cgroup);
         self.cgroups.create(&cgroup)?;
         resources::apply(&self.cgroups, &cgroup, &config.resources)?;
