@@ -1,9 +1,11 @@
 //! The security context and resource limits of containers, seen from inside,
-//! through CRI on a real berthd: a dropped capability fails its syscall, a
-//! readonly rootfs and readonly paths refuse writes, masked paths read empty,
-//! a memory hog is OOM-killed, a pids limit on the pod's cgroup parent stops a
-//! fork bomb, a device passed in opens while an unlisted one is denied by the
-//! device cgroup, and a CDI device of a spec file arrives with its edits.
+//! through CRI on a real berthd: dropped capabilities (CHOWN, MKNOD, NET_RAW)
+//! fail their syscalls, a readonly rootfs and readonly paths refuse writes,
+//! masked paths read empty, a memory hog is OOM-killed (by its own limit or
+//! its pod's, overhead included), a pids limit on the pod's cgroup parent
+//! stops a fork bomb, a device passed in opens while an unlisted one is
+//! denied by the device cgroup, and a CDI device of a spec file arrives with
+//! its edits.
 
 mod common;
 
@@ -27,11 +29,12 @@ async fn a_dropped_capability_fails_its_syscall() {
     let pc = node.pod_config("caps");
     let pod = run_pod(&mut rt, &pc).await;
     let script = "touch /tmp/f; chown 1:1 /tmp/f && echo chown=ok; \
-                  mknod /tmp/n c 1 3 && echo mknod=ok; true";
+                  mknod /tmp/n c 1 3 && echo mknod=ok; \
+                  ping -c 1 -W 2 127.0.0.1 > /tmp/ping 2>&1 && echo ping=ok; cat /tmp/ping; true";
     let default = node.container_config("default", script);
     let mut dropped = node.container_config("dropped", script);
     security(&mut dropped).capabilities = Some(Capability {
-        drop_capabilities: vec!["CHOWN".into(), "CAP_MKNOD".into()],
+        drop_capabilities: vec!["CHOWN".into(), "CAP_MKNOD".into(), "net_raw".into()],
         ..Default::default()
     });
     for c in [&default, &dropped] {
@@ -40,14 +43,15 @@ async fn a_dropped_capability_fails_its_syscall() {
     }
     let log = node.log(&pc, &default);
     assert!(
-        log.contains("chown=ok") && log.contains("mknod=ok"),
+        log.contains("chown=ok") && log.contains("mknod=ok") && log.contains("ping=ok"),
         "{log}"
     );
     let log = node.log(&pc, &dropped);
     assert!(!log.contains("=ok"), "{log}");
     assert!(
         log.contains("chown: /tmp/f: Operation not permitted")
-            && log.contains("mknod: /tmp/n: Operation not permitted"),
+            && log.contains("mknod: /tmp/n: Operation not permitted")
+            && log.contains("ping: permission denied"),
         "{log}"
     );
     remove_pod(&mut rt, &pod).await;
