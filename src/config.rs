@@ -48,6 +48,7 @@ pub struct Config {
     pub images: ImageConfig,
     pub registries: RegistriesConfig,
     pub stream: StreamConfig,
+    pub cdi: CdiConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +65,24 @@ pub struct CgroupConfig {
     /// Parent of every pod cgroup, relative to each hierarchy's root. A pod
     /// whose CRI `cgroup_parent` is empty goes directly under it.
     pub parent: String,
+}
+
+/// Container Device Interface: where device vendors leave their spec files.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CdiConfig {
+    /// Spec dirs in rising priority: a device defined in a later dir
+    /// replaces one of the same name in an earlier dir.
+    pub spec_dirs: Vec<PathBuf>,
+}
+
+impl Default for CdiConfig {
+    fn default() -> Self {
+        CdiConfig {
+            // The CDI spec's defaults, static before dynamic.
+            spec_dirs: vec![PathBuf::from("/etc/cdi"), PathBuf::from("/var/run/cdi")],
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -194,6 +213,7 @@ impl Default for Config {
             images: ImageConfig::default(),
             registries: RegistriesConfig::default(),
             stream: StreamConfig::default(),
+            cdi: CdiConfig::default(),
         }
     }
 }

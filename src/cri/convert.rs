@@ -7,6 +7,7 @@ use k8s_cri::v1 as cri;
 use tonic::Status;
 
 use crate::cni::NetworkError;
+use crate::runtime::cdi::CdiError;
 use crate::runtime::container::{
     self, ContainerConfig, ContainerState, Device, GroupsPolicy, Propagation, SeccompChoice,
 };
@@ -33,6 +34,11 @@ pub fn runtime_status(e: RuntimeError) -> Status {
         RuntimeError::Network(NetworkError::AddressesExhausted { .. }) => {
             Status::resource_exhausted(message)
         }
+        RuntimeError::Cdi(CdiError::BadName { .. } | CdiError::UnknownDevice { .. }) => {
+            Status::invalid_argument(message)
+        }
+        // The node's spec files, not the request, are at fault.
+        RuntimeError::Cdi(_) => Status::failed_precondition(message),
         _ => Status::internal(message),
     }
 }
@@ -113,6 +119,8 @@ pub fn pod_config(
         },
         runtime_handler,
         privileged: pod_security.privileged,
+        resources: linux.resources.map(resources).unwrap_or_default(),
+        overhead: linux.overhead.map(resources).unwrap_or_default(),
     })
 }
 
@@ -337,6 +345,7 @@ pub fn container_config(
                 permissions: d.permissions,
             })
             .collect(),
+        cdi_devices: config.cdi_devices.into_iter().map(|d| d.name).collect(),
     })
 }
 

@@ -26,6 +26,8 @@ pub enum CgroupError {
     },
     #[error("cgroup path {0:?} must be relative without '..'")]
     BadPath(String),
+    #[error(transparent)]
+    DeviceFilter(#[from] super::device_filter::DeviceFilterError),
 }
 
 /// Detects the hierarchy mounted at `root` (normally `/sys/fs/cgroup`).

@@ -100,6 +100,9 @@ pub struct ContainerConfig {
     pub seccomp: SeccompChoice,
     pub groups_policy: GroupsPolicy,
     pub devices: Vec<Device>,
+    /// Fully qualified CDI device names (`vendor.com/class=name`).
+    #[serde(default)]
+    pub cdi_devices: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,6 +1,7 @@
 //! Devices of a container: nodes the request passes in (or every host device
 //! for a privileged one) and the device cgroup that allows exactly those plus
-//! the standard set, denying the rest.
+//! the standard set, denying the rest: v1's devices controller, or v2's eBPF
+//! filter (`device_filter.rs`).
 
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -11,6 +12,7 @@ use serde_json::{Value, json};
 use super::RuntimeError;
 use super::cgroup::{CgroupError, CgroupVersion, Cgroups};
 use super::container::Device;
+use super::device_filter;
 
 /// One device node: its spec entry and its cgroup allow rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,36 +116,81 @@ pub fn host_devices() -> Vec<DeviceNode> {
     out
 }
 
-/// Standard devices every container may use (as runc allows them).
-const DEFAULT_RULES: [&str; 11] = [
-    "c *:* m",
-    "b *:* m",
-    "c 1:3 rwm",
-    "c 1:5 rwm",
-    "c 1:7 rwm",
-    "c 1:8 rwm",
-    "c 1:9 rwm",
-    "c 5:0 rwm",
-    "c 5:1 rwm",
-    "c 5:2 rwm",
-    "c 136:* rwm",
-];
+/// One allow rule of the device cgroup: a type (`c`, `b`, or `a` for both),
+/// numbers (`None` for any) and access letters of "rwm".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRule {
+    pub kind: char,
+    pub major: Option<u64>,
+    pub minor: Option<u64>,
+    pub access: String,
+}
 
-/// Writes the device cgroup of `rel`: all allowed when privileged, else the
-/// standard set and `nodes`. cgroup v2 filters devices with eBPF, which
-/// berth does not load yet; there it is skipped with a debug log.
+impl DeviceRule {
+    /// The rule as `devices.allow` takes it: `c 1:3 rwm`.
+    fn v1(&self) -> String {
+        let number = |n: Option<u64>| n.map_or("*".to_string(), |n| n.to_string());
+        format!(
+            "{} {}:{} {}",
+            self.kind,
+            number(self.major),
+            number(self.minor),
+            self.access
+        )
+    }
+}
+
+/// Standard devices every container may use (as runc allows them): mknod of
+/// any node, null, zero, full, random, urandom, tty, console, ptmx, pts.
+pub fn default_rules() -> Vec<DeviceRule> {
+    let rule = |kind, major, minor, access: &str| DeviceRule {
+        kind,
+        major,
+        minor,
+        access: access.to_string(),
+    };
+    let mut rules = vec![rule('c', None, None, "m"), rule('b', None, None, "m")];
+    for (major, minor) in [
+        (1, 3),
+        (1, 5),
+        (1, 7),
+        (1, 8),
+        (1, 9),
+        (5, 0),
+        (5, 1),
+        (5, 2),
+    ] {
+        rules.push(rule('c', Some(major), Some(minor), "rwm"));
+    }
+    rules.push(rule('c', Some(136), None, "rwm"));
+    rules
+}
+
+/// Restricts the devices of the cgroup `rel`: all allowed when privileged,
+/// else the standard set and `nodes`. cgroup v1 takes the rules in its
+/// devices controller; v2 takes them as an eBPF filter.
 pub fn restrict(
     cgroups: &Cgroups,
     rel: &str,
     privileged: bool,
     nodes: &[DeviceNode],
 ) -> Result<(), CgroupError> {
+    let mut rules = default_rules();
+    rules.extend(nodes.iter().map(|n| DeviceRule {
+        kind: n.kind,
+        major: Some(n.major),
+        minor: Some(n.minor),
+        access: n.access.clone(),
+    }));
     if cgroups.version == CgroupVersion::V2 {
-        tracing::debug!(
-            cgroup = rel,
-            "device filtering on cgroup v2 is not implemented"
-        );
-        return Ok(());
+        let Some(dir) = cgroups.controller_dir("", rel) else {
+            return Ok(());
+        };
+        if privileged {
+            // No filter of its own; any an ancestor has still applies.
+            return Ok(());
+        }
+        return Ok(device_filter::attach(&dir, &rules)?);
     }
     let Some(dir) = cgroups.controller_dir("devices", rel) else {
         return Ok(());
@@ -156,14 +203,8 @@ pub fn restrict(
         return write("devices.allow", "a");
     }
     write("devices.deny", "a")?;
-    for rule in DEFAULT_RULES {
-        write("devices.allow", rule)?;
-    }
-    for n in nodes {
-        write(
-            "devices.allow",
-            &format!("{} {}:{} {}", n.kind, n.major, n.minor, n.access),
-        )?;
+    for rule in &rules {
+        write("devices.allow", &rule.v1())?;
     }
     Ok(())
 }
@@ -178,6 +219,14 @@ mod tests {
         assert_eq!((n.kind, n.major, n.minor), ('c', 1, 3));
         assert!(node(Path::new("/etc/hostname"), "/x", "rw").is_err());
         assert!(node(Path::new("/dev/null"), "/x", "rwx").is_err());
+    }
+
+    #[test]
+    fn rules_read_as_v1_writes_them() {
+        let v1: Vec<String> = default_rules().iter().map(DeviceRule::v1).collect();
+        assert_eq!(v1[0], "c *:* m");
+        assert!(v1.contains(&"c 1:3 rwm".to_string()));
+        assert_eq!(v1.last().map(String::as_str), Some("c 136:* rwm"));
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //! translates. State lives in records under the state dir and in the
 //! monitors, so a restarted berthd finds every pod and container again.
 
+pub mod cdi;
 pub mod cgroup;
 pub mod container;
+pub mod device_filter;
 pub mod devices;
 pub mod handler;
 mod infra;
@@ -57,6 +59,8 @@ pub enum RuntimeError {
     Monitor(#[from] MonitorError),
     #[error(transparent)]
     Network(#[from] NetworkError),
+    #[error(transparent)]
+    Cdi(#[from] cdi::CdiError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -468,6 +472,16 @@ impl Runtime {
             rootfs::mount_shm(&paths.shm())?;
         }
         self.cgroups.create(&pod.cgroup)?;
+        if pod.owns_cgroup {
+            resources::apply(
+                &self.cgroups,
+                &pod.cgroup,
+                &resources::pod_limits(&pod.config.resources, &pod.config.overhead),
+            )?;
+        } else {
+            // kubelet made and sized this cgroup, overhead included.
+            tracing::debug!(pod = %pod.id, cgroup = %pod.cgroup, "pod limits left to the cgroup's owner");
+        }
         if pod.config.namespaces.pid == NamespaceMode::Pod {
             let procs = self.cgroups.procs_files(&pod.cgroup)?;
             pod.infra_pid = Some(infra::start(&self.exe, &procs, &paths.ns.join("pid"))?);
@@ -692,7 +706,7 @@ impl Runtime {
         std::fs::create_dir_all(&paths.bundle).map_err(io("create the container bundle"))?;
         rootfs::mount_overlay(layers, &paths.layer, &paths.rootfs())?;
         let rootfs = paths.rootfs();
-        let user = user::resolve(
+        let mut user = user::resolve(
             &user::UserRequest {
                 run_as_user: config.run_as_user,
                 run_as_username: config.run_as_username.clone(),
@@ -739,11 +753,17 @@ impl Runtime {
                 "a privileged container needs a privileged pod sandbox".to_string(),
             ));
         }
-        let device_nodes = if config.privileged {
+        let cdi_names = cdi::requested(&config.cdi_devices, &config.annotations)?;
+        let cdi_edits = cdi::resolve(&self.config.cdi.spec_dirs, &cdi_names)?;
+        let mut device_nodes = if config.privileged {
             devices::host_devices()
         } else {
             devices::requested(&config.devices)?
         };
+        if !cdi_names.is_empty() {
+            tracing::info!(pod = %pod.id, container = %id, devices = ?cdi_names, "CDI devices");
+            cdi_edits.merge_into(&mut device_nodes, &mut env, &mut user.groups);
+        }
         let cgroup = format!("{}/{id}", pod.cgroup);
         self.cgroups.create(&cgroup)?;
         resources::apply(&self.cgroups, &cgroup, &config.resources)?;
@@ -796,6 +816,7 @@ impl Runtime {
         for m in &mut resolved.mounts {
             m.host_path = host_path(&m.host_path)?;
         }
+        resolved.mounts.extend(cdi_edits.mounts.iter().cloned());
         let spec = spec::build(&spec::SpecInput {
             config: &resolved,
             pod,

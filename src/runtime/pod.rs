@@ -64,6 +64,12 @@ pub struct PodConfig {
     pub runtime_handler: String,
     /// Privileged containers are allowed only in a privileged pod.
     pub privileged: bool,
+    /// The sum of the containers' limits, as kubelet computes it.
+    #[serde(default)]
+    pub resources: super::resources::Resources,
+    /// What the pod needs beyond its containers (its RuntimeClass overhead).
+    #[serde(default)]
+    pub overhead: super::resources::Resources,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

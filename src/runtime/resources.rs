@@ -40,6 +40,35 @@ pub fn shares_to_weight(shares: i64) -> i64 {
     1 + ((shares.clamp(2, 262_144) - 2) * 9999) / 262_142
 }
 
+/// The limits of a pod's cgroup, sized as kubelet sizes the pod cgroups it
+/// makes: the sum of the containers' limits plus the pod's overhead. A limit
+/// the containers leave unbounded (memory, CPU quota) stays unbounded.
+pub fn pod_limits(sum: &Resources, overhead: &Resources) -> Resources {
+    const DEFAULT_PERIOD: i64 = 100_000;
+    let period = |r: &Resources| {
+        if r.cpu_period > 0 {
+            r.cpu_period
+        } else {
+            DEFAULT_PERIOD
+        }
+    };
+    let mut pod = Resources {
+        cpu_shares: sum.cpu_shares.max(0) + overhead.cpu_shares.max(0),
+        ..Default::default()
+    };
+    if sum.memory_limit_in_bytes > 0 {
+        pod.memory_limit_in_bytes =
+            sum.memory_limit_in_bytes + overhead.memory_limit_in_bytes.max(0);
+    }
+    if sum.cpu_quota > 0 {
+        // The overhead's quota, in the sum's period.
+        let extra = overhead.cpu_quota.max(0) * period(sum) / period(overhead);
+        pod.cpu_quota = sum.cpu_quota + extra;
+        pod.cpu_period = period(sum);
+    }
+    pod
+}
+
 /// Writes the limits into the cgroup `rel`.
 pub fn apply(cgroups: &Cgroups, rel: &str, r: &Resources) -> Result<(), CgroupError> {
     match cgroups.version {
@@ -162,6 +191,40 @@ mod tests {
         assert_eq!(shares_to_weight(1024), 39);
         assert_eq!(shares_to_weight(262_144), 10_000);
         assert_eq!(shares_to_weight(0), 0);
+    }
+
+    #[test]
+    fn pod_limits_add_the_overhead_to_bounded_sums() {
+        let sum = Resources {
+            cpu_shares: 512,
+            cpu_quota: 50_000,
+            memory_limit_in_bytes: 64 << 20,
+            cpuset_cpus: "0".to_string(),
+            ..Default::default()
+        };
+        let overhead = Resources {
+            cpu_shares: 128,
+            cpu_period: 50_000,
+            cpu_quota: 10_000,
+            memory_limit_in_bytes: 16 << 20,
+            ..Default::default()
+        };
+        let pod = pod_limits(&sum, &overhead);
+        assert_eq!(
+            (pod.cpu_shares, pod.cpu_quota, pod.cpu_period),
+            (640, 70_000, 100_000)
+        );
+        assert_eq!(pod.memory_limit_in_bytes, 80 << 20);
+        assert!(
+            pod.cpuset_cpus.is_empty(),
+            "containers choose their own CPUs"
+        );
+        let unbounded = pod_limits(&Resources::default(), &overhead);
+        assert_eq!(
+            (unbounded.cpu_quota, unbounded.memory_limit_in_bytes),
+            (0, 0)
+        );
+        assert_eq!(unbounded.cpu_shares, 128);
     }
 
     #[test]

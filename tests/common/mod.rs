@@ -5,6 +5,7 @@
 
 pub mod berthd;
 pub mod bundle;
+pub mod cri_pod;
 pub mod cri_stream;
 pub mod fixtures;
 pub mod registry;
