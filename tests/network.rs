@@ -2,7 +2,11 @@
 //! namespaces of the test's own, proved with real TCP connections (pod to
 //! pod, pod to host, host ports from the host, from outside and hairpin),
 //! then shown to leave nothing behind; the same over IPv6 on a dual-stack
-//! network, and a pod CIDR set while pods run.
+//! network, and a pod CIDR set while pods run. One test goes through a real
+//! berthd and busybox containers: dual-stack pods over CRI, and
+//! UpdateRuntimeConfig.
+
+mod common;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -20,6 +24,13 @@ use berth::cni::{PodNetwork, PodNetworkRequest};
 use berth::config::NetworkConfig;
 use berth::runtime::namespace::{self, NamespaceKind, NamespaceSetup};
 use berth::runtime::pod::PortMapping;
+use common::berthd::{Berthd, BerthdOptions};
+use common::fixtures::{self, Fixture};
+use common::pods::{
+    self, nc_from, pod_ips, pull, remove_pod, run_pod, start_container, update_pod_cidr,
+};
+use common::registry::Registry;
+use nix::sys::signal::Signal;
 
 fn is_root() -> bool {
     if nix::unistd::geteuid().is_root() {
@@ -1020,4 +1031,106 @@ fn a_pod_cidr_moves_new_pods_and_existing_ones_keep_their_addresses() {
     t.net.remove_all().expect("remove all");
     assert!(!link_exists(&t.names.bridge));
     assert!(!t.table_exists());
+}
+
+/// Whether `ips` are an IPv4 address of `v4` then an IPv6 one of `v6`.
+fn in_subnets(ips: &[String], v4: &str, v6: &str) -> bool {
+    let (v4, v6): (ipnet::IpNet, ipnet::IpNet) = (
+        v4.parse().expect("IPv4 subnet"),
+        v6.parse().expect("IPv6 subnet"),
+    );
+    match ips {
+        [a, b] => {
+            a.parse()
+                .is_ok_and(|a: IpAddr| a.is_ipv4() && v4.contains(&a))
+                && b.parse().is_ok_and(|b: IpAddr| v6.contains(&b))
+        }
+        _ => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dual_stack_pods_over_cri_and_update_runtime_config_pod_cidr() {
+    if !is_root() {
+        return;
+    }
+    let names = Names::unique();
+    let registry = Registry::start().expect("registry");
+    let busybox = fixtures::push(&registry, Fixture::BusyboxLatest)
+        .expect("push busybox")
+        .reference;
+    let logs = tempfile::tempdir().expect("log dir");
+    let mut berthd = Berthd::start_with_network(
+        BerthdOptions::default(),
+        &format!("  mode: builtin\n  subnet_v6: {}\n", names.subnet_v6),
+    );
+    let subnet = berthd.names.subnet.clone();
+    let mut rt = berthd.runtime().await;
+    pull(&berthd, &busybox).await;
+
+    // Two dual-stack pods: IPv4 as `ip`, IPv6 in `additional_ips`.
+    let config_a = pods::pod_config("net-test", "a", logs.path(), Vec::new());
+    let config_b = pods::pod_config("net-test", "b", logs.path(), Vec::new());
+    let pod_a = run_pod(&mut rt, &config_a).await;
+    let pod_b = run_pod(&mut rt, &config_b).await;
+    let ips_a = pod_ips(&mut rt, &pod_a).await;
+    let ips_b = pod_ips(&mut rt, &pod_b).await;
+    assert!(in_subnets(&ips_a, &subnet, &names.subnet_v6), "{ips_a:?}");
+    assert!(in_subnets(&ips_b, &subnet, &names.subnet_v6), "{ips_b:?}");
+    // busybox nc between them over IPv6, both ways.
+    let serve = |marker: &'static str| ["nc", "-ll", "-p", "8080", "-e", "echo", marker];
+    let c_a = start_container(&mut rt, &pod_a, &config_a, &busybox, &serve("pong-a")).await;
+    let c_b = start_container(&mut rt, &pod_b, &config_b, &busybox, &serve("pong-b")).await;
+    assert_eq!(nc_from(&mut rt, &c_b, &ips_a[1], 8080).await, "pong-a");
+    assert_eq!(nc_from(&mut rt, &c_a, &ips_b[1], 8080).await, "pong-b");
+
+    // UpdateRuntimeConfig: bad CIDRs refused, an empty one changes nothing.
+    for bad in [
+        "10.1.0.0/33",
+        "not-a-cidr",
+        "10.1.0.0/24,10.2.0.0/24",
+        "10.1.0.0/31",
+    ] {
+        let err = update_pod_cidr(&mut rt, bad).await.expect_err(bad);
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad}: {err:?}");
+    }
+    update_pod_cidr(&mut rt, "").await.expect("empty pod CIDR");
+    let (cidr_v4, cidr_v6) = names.pod_cidr.split_once(',').expect("dual-stack CIDR");
+    update_pod_cidr(&mut rt, &names.pod_cidr)
+        .await
+        .expect("pod CIDR");
+    // New pods take the pod CIDR; a and b keep their addresses.
+    let config_c = pods::pod_config("net-test", "c", logs.path(), Vec::new());
+    let pod_c = run_pod(&mut rt, &config_c).await;
+    let ips_c = pod_ips(&mut rt, &pod_c).await;
+    assert!(in_subnets(&ips_c, cidr_v4, cidr_v6), "{ips_c:?}");
+    assert_eq!(pod_ips(&mut rt, &pod_a).await, ips_a);
+    // Across the two subnets pods still reach each other (via the host).
+    let c_c = start_container(&mut rt, &pod_c, &config_c, &busybox, &serve("pong-c")).await;
+    assert_eq!(nc_from(&mut rt, &c_c, &ips_a[1], 8080).await, "pong-a");
+    assert_eq!(nc_from(&mut rt, &c_a, &ips_c[0], 8080).await, "pong-c");
+
+    // A berthd killed and restarted keeps the pod CIDR.
+    berthd.stop_with(Signal::SIGKILL);
+    berthd.spawn();
+    let mut rt = berthd.runtime().await;
+    let config_d = pods::pod_config("net-test", "d", logs.path(), Vec::new());
+    let pod_d = run_pod(&mut rt, &config_d).await;
+    let ips_d = pod_ips(&mut rt, &pod_d).await;
+    assert!(in_subnets(&ips_d, cidr_v4, cidr_v6), "{ips_d:?}");
+    assert_ne!(ips_d, ips_c);
+
+    for pod in [&pod_a, &pod_b, &pod_c, &pod_d] {
+        remove_pod(&mut rt, pod).await;
+    }
+    // Every address of both subnets and both families is free again.
+    let ipam = berthd.state_dir.join("network/ipam");
+    let claimed: Vec<String> = std::fs::read_dir(&ipam)
+        .expect("ipam dir")
+        .flatten()
+        .flat_map(|d| d.path().read_dir().into_iter().flatten().flatten())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.parse::<IpAddr>().is_ok())
+        .collect();
+    assert!(claimed.is_empty(), "{claimed:?}");
 }

@@ -7,5 +7,6 @@ pub mod berthd;
 pub mod bundle;
 pub mod cri_stream;
 pub mod fixtures;
+pub mod pods;
 pub mod registry;
 pub mod token_server;
