@@ -510,6 +510,35 @@ fn an_outside_client_reaches_a_host_port_and_egress_is_masqueraded() {
     assert!(t.table_text().contains(&format!("dnat ip to {p_ip}:80")));
 }
 
+/// The same over IPv6, on a dual-stack network: DNAT only on the way in,
+/// masquerade on the way out.
+#[test]
+fn an_outside_client_reaches_a_host_port_and_egress_is_masqueraded_over_ipv6() {
+    if !is_root() {
+        return;
+    }
+    let t = TestNetwork::dual_stack();
+    let hp = t.names.port_base;
+    let outside = Netns::new();
+    let link = OutsideLink::new(&outside, &t.names);
+    let (host6, outside6) = link.add_ipv6(&outside);
+    let ns_p = Netns::new();
+    let p = request("p", &ns_p.path(), vec![tcp(80, hp, "")]);
+    let p6 = ipv6(&t.net.set_up(&p).expect("set up p"));
+    let _server = Server::start(Some(&ns_p.path()), sa6(Ipv6Addr::UNSPECIFIED, 80), "P");
+
+    assert_eq!(
+        fetch(Some(&outside.path()), sa6(host6, hp)).expect("outside -> p over IPv6"),
+        format!("P {outside6}")
+    );
+    let far = Server::start(Some(&outside.path()), sa6(outside6, 0), "FAR");
+    assert_eq!(
+        fetch(Some(&ns_p.path()), far.addr).expect("p -> outside over IPv6"),
+        format!("FAR {host6}")
+    );
+    assert!(t.table_text().contains(&format!("dnat ip6 to [{p6}]:80")));
+}
+
 /// The test's own veth pair between the host and `ns`.
 struct OutsideLink {
     name: String,
@@ -546,6 +575,42 @@ impl OutsideLink {
         ]);
         run(&["nsenter", &inside, "ip", "link", "set", "eth0", "up"]);
         guard
+    }
+
+    /// Adds `fd69:<pid>:<x>::1/64` on the host's side and `::2` outside
+    /// (without DAD, so they are usable at once); returns them.
+    fn add_ipv6(&self, ns: &Netns) -> (Ipv6Addr, Ipv6Addr) {
+        let prefix = format!(
+            "fd69:{:x}:{:x}",
+            std::process::id() % 65_536,
+            self.host.octets()[2]
+        );
+        let host: Ipv6Addr = format!("{prefix}::1").parse().expect("address");
+        let outside: Ipv6Addr = format!("{prefix}::2").parse().expect("address");
+        run(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{host}/64"),
+            "dev",
+            &self.name,
+            "nodad",
+        ]);
+        let inside = format!("--net={}", ns.path().display());
+        run(&[
+            "nsenter",
+            &inside,
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{outside}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        (host, outside)
     }
 }
 

@@ -13,8 +13,10 @@
 //!   `net.ipv6.conf.all.forwarding=1` (which makes the host ignore router
 //!   advertisements on interfaces whose `accept_ra` is 1, as with Docker and
 //!   Podman); IPv6 addresses are added without DAD (`nodad`), on the bridge
-//!   and in pods, so they are usable at once. Made on first use, and checked
-//!   rather than remade when it is already there.
+//!   and in pods, so they are usable at once; and the bridge has
+//!   `accept_dad=0`, so its link-local address is too (see `ensure_bridge`).
+//!   Made on first use, and checked rather than remade when it is already
+//!   there.
 //!
 //! # Subnets
 //!
@@ -354,19 +356,16 @@ impl BridgeNetwork {
             }
         }
         let pod_cidr_path = dir.join(POD_CIDR_FILE);
-        let subnets = match std::fs::read(&pod_cidr_path) {
-            Ok(_) => {
-                let cidrs: Vec<String> = store::read_json(&pod_cidr_path)?;
-                let cidrs = cidrs
-                    .iter()
-                    .map(|c| c.parse::<IpNet>())
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| {
-                        NetworkError::Config(format!("{}: {e}", pod_cidr_path.display()))
-                    })?;
-                configured.with_pod_cidrs(&cidrs)?
-            }
-            Err(_) => configured,
+        let subnets = if pod_cidr_path.exists() {
+            let cidrs: Vec<String> = store::read_json(&pod_cidr_path)?;
+            let cidrs = cidrs
+                .iter()
+                .map(|c| c.parse::<IpNet>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| NetworkError::Config(format!("{}: {e}", pod_cidr_path.display())))?;
+            configured.with_pod_cidrs(&cidrs)?
+        } else {
+            configured
         };
         Ok(BridgeNetwork {
             bridge: config.bridge.clone(),
@@ -427,11 +426,8 @@ impl BridgeNetwork {
 
     /// The bridge's IPv4 address in [`Self::subnet`].
     pub fn gateway(&self) -> Ipv4Addr {
-        match ipam::gateway(IpNet::V4(self.subnet())) {
-            IpAddr::V4(ip) => ip,
-            // The gateway of an IPv4 subnet is IPv4.
-            IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
-        }
+        // The first host address, as ipam::gateway has it for both families.
+        Ipv4Addr::from(u32::from(self.subnet().network()) + 1)
     }
 
     /// The bridge's IPv6 address in [`Self::subnet_v6`], if any.
@@ -545,6 +541,17 @@ impl BridgeNetwork {
             // Before the addresses: the kernel refuses IPv6 addresses on a
             // link with IPv6 disabled.
             set_sysctl(&format!("net/ipv6/conf/{}/disable_ipv6", self.bridge), "0")?;
+            // The kernel sends the neighbour solicitation for a forwarded
+            // packet from the bridge's link-local address, and sends none
+            // while that address is tentative: without this, IPv6 between
+            // pods and the world fails for the first second or two of a new
+            // bridge (DAD starts when the first pod's veth gives it carrier).
+            // The kernel sends the neighbour solicitation for a forwarded
+            // packet from the bridge's link-local address, and sends none
+            // while that address is tentative: without this, IPv6 between
+            // pods and the world fails for the first second or two of a new
+            // bridge (DAD starts when the first pod's veth gives it carrier).
+            set_sysctl(&format!("net/ipv6/conf/{}/accept_dad", self.bridge), "0")?;
             set_sysctl("net/ipv6/conf/all/forwarding", "1")?;
         }
         let addresses = socket

@@ -260,7 +260,7 @@ fn to_number(address: IpAddr) -> u128 {
 
 fn from_number(n: u128, v4: bool) -> IpAddr {
     if v4 {
-        // Numbers for IPv4 come from IPv4 addresses and stay below 2^32.
+        // IPv4 numbers here are addresses of an IPv4 subnet: they fit.
         IpAddr::V4(Ipv4Addr::from(u32::try_from(n).unwrap_or(u32::MAX)))
     } else {
         IpAddr::V6(Ipv6Addr::from(n))
