@@ -1090,7 +1090,42 @@ fn a_pod_cidr_moves_new_pods_and_existing_ones_keep_their_addresses() {
     assert_eq!(restarted.gateway(), new_gw);
     drop(restarted);
 
+    // A pod CIDR overlapping a subnet pods still use is refused (two IPAM
+    // directories could hand out one address twice); once they are gone
+    // it is taken, and the old gateway leaves the bridge for the new one.
+    let narrower: ipnet::IpNet = format!("{}/25", old_gw).parse().expect("cidr");
+    let narrower = narrower.trunc();
+    let err = t.net.set_pod_cidrs(&[narrower]).expect_err("overlaps old");
+    assert!(err.to_string().contains("overlaps"), "{err}");
     t.net.tear_down(&old).expect("tear down old");
+    t.net
+        .set_pod_cidrs(&[narrower])
+        .expect("no pod holds the old subnet");
+    let ns_third = Netns::new();
+    let third = request("third", &ns_third.path(), vec![]);
+    let third_ip = ipv4(&t.net.set_up(&third).expect("third"));
+    assert!(
+        narrower.contains(&IpAddr::V4(third_ip)),
+        "{third_ip} in {narrower}"
+    );
+    let bridge_addrs = Command::new("ip")
+        .args(["-o", "addr", "show", "dev", &t.names.bridge])
+        .output()
+        .expect("ip addr");
+    let bridge_addrs = String::from_utf8_lossy(&bridge_addrs.stdout);
+    assert!(
+        bridge_addrs.contains(&format!("{old_gw}/25")),
+        "{bridge_addrs}"
+    );
+    assert!(
+        !bridge_addrs.contains(&format!("{old_gw}/24")),
+        "{bridge_addrs}"
+    );
+    assert!(
+        bridge_addrs.contains(&format!("{new_gw}/24")),
+        "{bridge_addrs}"
+    );
+    t.net.tear_down(&third).expect("tear down third");
     t.net.tear_down(&new).expect("tear down new");
     assert!(t.claimed().is_empty(), "{:?}", t.claimed());
     t.net.remove_all().expect("remove all");

@@ -26,8 +26,12 @@
 //! for pods set up afterwards; it is kept in `pod-cidr.json` so a restarted
 //! berthd uses it too. Pods keep the addresses they have: the records say
 //! which subnet each came from, and the bridge and the table serve every
-//! subnet a pod still holds an address of. An earlier gateway address stays
-//! on the bridge until the bridge goes (with the last pod).
+//! subnet a pod still holds an address of. A pod CIDR that overlaps a
+//! subnet pods hold addresses in, without being that subnet, is refused:
+//! each subnet has an IPAM directory of its own, and two overlapping ones
+//! could hand out one address twice. The gateway of a subnet no pod uses
+//! leaves the bridge the next time the bridge is checked (after a pod CIDR
+//! change, or at start).
 //! - Per pod, a veth pair made by one netlink request: the pod end is born
 //!   as `eth0` inside the pod's network namespace, the host end is attached
 //!   to the bridge and up, with hairpin mode on (where br_netfilter is
@@ -395,6 +399,24 @@ impl BridgeNetwork {
         }
         let subnets = self.configured.with_pod_cidrs(cidrs)?;
         let mut state = self.lock();
+        // Two overlapping subnets have IPAM directories of their own, which
+        // could hand out one address twice: a pod CIDR may only overlap a
+        // subnet pods hold addresses in by being that subnet.
+        let held: BTreeSet<IpNet> = state
+            .pods
+            .values()
+            .flat_map(|r| r.addresses.iter().filter_map(|a| a.subnet()))
+            .collect();
+        for new in subnets.all() {
+            if let Some(old) = held.iter().find(|old| {
+                **old != new && (old.contains(&new.network()) || new.contains(&old.network()))
+            }) {
+                return Err(NetworkError::InvalidPodCidr(format!(
+                    "{new} overlaps {old}, where pods still hold addresses; \
+                     a pod CIDR cannot overlap their subnet until they are gone"
+                )));
+            }
+        }
         let text: Vec<String> = cidrs.iter().map(|c| c.trunc().to_string()).collect();
         store::write_json(&self.pod_cidr_path, &text, Durability::Crash)?;
         if subnets != state.subnets {
@@ -546,27 +568,41 @@ impl BridgeNetwork {
             // while that address is tentative: without this, IPv6 between
             // pods and the world fails for the first second or two of a new
             // bridge (DAD starts when the first pod's veth gives it carrier).
-            // The kernel sends the neighbour solicitation for a forwarded
-            // packet from the bridge's link-local address, and sends none
-            // while that address is tentative: without this, IPv6 between
-            // pods and the world fails for the first second or two of a new
-            // bridge (DAD starts when the first pod's veth gives it carrier).
             set_sysctl(&format!("net/ipv6/conf/{}/accept_dad", self.bridge), "0")?;
             set_sysctl("net/ipv6/conf/all/forwarding", "1")?;
         }
         let addresses = socket
             .addresses(link.index)
             .map_err(netlink("list the bridge's addresses"))?;
-        for subnet in &subnets {
-            let gateway = IpNet::new(ipam::gateway(*subnet), subnet.prefix_len())
-                .map_err(|e| NetworkError::Config(e.to_string()))?;
-            if !addresses.contains(&gateway) {
-                match socket.add_address(link.index, gateway) {
-                    Err(e) if e.raw_os_error() != Some(libc::EEXIST) => {
-                        return Err(netlink(&format!("add the gateway address {gateway}"))(e));
-                    }
-                    _ => {}
+        let gateways = subnets
+            .iter()
+            .map(|subnet| IpNet::new(ipam::gateway(*subnet), subnet.prefix_len()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| NetworkError::Config(e.to_string()))?;
+        // The gateway of a subnet no pod uses any more (the pod CIDR moved
+        // on) goes first, so that a later subnet holding that address can
+        // hand it to a pod, and so that a gateway with the same address and
+        // a new prefix can take its place (IPv6 refuses one address twice).
+        // The bridge is berth's: every address on it but the IPv6 link-local
+        // one is a gateway berth put there.
+        for stale in addresses
+            .iter()
+            .filter(|a| !gateways.contains(a))
+            .filter(|a| !matches!(a.addr(), IpAddr::V6(v6) if v6.is_unicast_link_local()))
+        {
+            tracing::info!(bridge = %self.bridge, address = %stale, "removing the gateway of a subnet no longer in use");
+            socket
+                .delete_address(link.index, *stale)
+                .map_err(netlink(&format!(
+                    "remove the stale gateway address {stale}"
+                )))?;
+        }
+        for gateway in gateways.iter().filter(|g| !addresses.contains(g)) {
+            match socket.add_address(link.index, *gateway) {
+                Err(e) if e.raw_os_error() != Some(libc::EEXIST) => {
+                    return Err(netlink(&format!("add the gateway address {gateway}"))(e));
                 }
+                _ => {}
             }
         }
         set_sysctl("net/ipv4/ip_forward", "1")?;
@@ -1295,6 +1331,14 @@ mod tests {
             assert!(matches!(err, NetworkError::InvalidPodCidr(_)), "{err}");
             assert!(err.to_string().contains(want), "{err}");
         }
+        for overlapping in ["10.66.0.0/16", "10.66.0.128/25"] {
+            let err = net
+                .set_pod_cidrs(&[overlapping.parse().expect("cidr")])
+                .expect_err(overlapping);
+            assert!(err.to_string().contains("overlaps 10.66.0.0/24"), "{err}");
+        }
+        net.set_pod_cidrs(&["10.66.0.0/24".parse().expect("cidr")])
+            .expect("the subnet in use itself");
         net.set_pod_cidrs(&[]).expect("empty: nothing");
         assert_eq!(net.subnet().to_string(), "10.66.0.0/24");
 

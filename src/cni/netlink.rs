@@ -363,6 +363,20 @@ impl RouteSocket {
         Ok(())
     }
 
+    /// Removes an address from a link.
+    pub fn delete_address(&mut self, index: u32, address: IpNet) -> io::Result<()> {
+        let mut msg = AddressMessage::default();
+        msg.header.family = match address {
+            IpNet::V4(_) => AddressFamily::Inet,
+            IpNet::V6(_) => AddressFamily::Inet6,
+        };
+        msg.header.prefix_len = address.prefix_len();
+        msg.header.index = index;
+        msg.attributes.push(AddressAttribute::Local(address.addr()));
+        self.request(RouteNetlinkMessage::DelAddress(msg), NLM_F_ACK)?;
+        Ok(())
+    }
+
     /// Adds the default route of `gateway`'s family via it on link `index`.
     pub fn add_default_route(&mut self, gateway: IpAddr, index: u32) -> io::Result<()> {
         let mut msg = RouteMessage::default();
