@@ -101,7 +101,10 @@ pub enum NetworkMode {
 pub struct NetworkConfig {
     pub mode: NetworkMode,
     pub bridge: String,
+    /// The IPv4 pod subnet of the built-in network.
     pub subnet: String,
+    /// The IPv6 pod subnet of the built-in network; empty: IPv4 only.
+    pub subnet_v6: String,
     pub mtu: u32,
     /// berth's nftables table (family inet); berth touches no other table.
     pub nft_table: String,
@@ -233,6 +236,7 @@ impl Default for NetworkConfig {
             mode: NetworkMode::Auto,
             bridge: "berth0".to_string(),
             subnet: "10.66.0.0/16".to_string(),
+            subnet_v6: String::new(),
             mtu: 1500,
             nft_table: "berth".to_string(),
             cni_conf_dir: PathBuf::from("/etc/cni/net.d"),
@@ -295,8 +299,18 @@ impl Config {
         if self.network.nft_table.is_empty() {
             return invalid("network.nft_table: must not be empty".to_string());
         }
-        parse_cidr(&self.network.subnet)
-            .map_err(|m| ConfigError::Invalid(format!("network.subnet: {m}")))?;
+        match parse_cidr(&self.network.subnet) {
+            Ok((std::net::IpAddr::V4(_), _)) => {}
+            Ok(_) => return invalid("network.subnet: must be IPv4 (see subnet_v6)".to_string()),
+            Err(m) => return invalid(format!("network.subnet: {m}")),
+        }
+        if !self.network.subnet_v6.is_empty() {
+            match parse_cidr(&self.network.subnet_v6) {
+                Ok((std::net::IpAddr::V6(_), _)) => {}
+                Ok(_) => return invalid("network.subnet_v6: must be IPv6".to_string()),
+                Err(m) => return invalid(format!("network.subnet_v6: {m}")),
+            }
+        }
         if !(576..=65535).contains(&self.network.mtu) {
             return invalid(format!(
                 "network.mtu: {} is outside 576..65535",
@@ -420,6 +434,9 @@ mod tests {
             ("root: relative/dir", "root"),
             ("network: {subnet: 10.66.0.0}", "network.subnet"),
             ("network: {subnet: 10.66.0.0/40}", "network.subnet"),
+            ("network: {subnet: \"fd66::/64\"}", "network.subnet"),
+            ("network: {subnet_v6: 10.66.0.0/16}", "network.subnet_v6"),
+            ("network: {subnet_v6: \"fd66::/129\"}", "network.subnet_v6"),
             (
                 "network: {bridge: a-very-long-bridge-name}",
                 "network.bridge",

@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 
 use common::berthd::{Berthd, BerthdOptions};
 use common::fixtures::{self, Fixture};
+use common::pods::{
+    self, nc_from, pod_ip, pull, remove_pod, run_pod, start_container, update_pod_cidr,
+};
 use common::registry::Registry;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
@@ -354,123 +357,6 @@ async fn wait_condition(
     }
 }
 
-fn pod_config(name: &str, logs: &Path, ports: Vec<PortMapping>) -> PodSandboxConfig {
-    PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: name.to_string(),
-            uid: format!("uid-{name}"),
-            namespace: "cni-test".to_string(),
-            attempt: 0,
-        }),
-        hostname: name.to_string(),
-        log_directory: logs.join(name).display().to_string(),
-        port_mappings: ports,
-        ..Default::default()
-    }
-}
-
-async fn run_pod(rt: &mut RuntimeServiceClient<Channel>, config: &PodSandboxConfig) -> String {
-    rt.run_pod_sandbox(RunPodSandboxRequest {
-        config: Some(config.clone()),
-        runtime_handler: String::new(),
-    })
-    .await
-    .expect("RunPodSandbox")
-    .into_inner()
-    .pod_sandbox_id
-}
-
-async fn pod_ip(rt: &mut RuntimeServiceClient<Channel>, pod: &str) -> String {
-    rt.pod_sandbox_status(PodSandboxStatusRequest {
-        pod_sandbox_id: pod.to_string(),
-        verbose: false,
-    })
-    .await
-    .expect("PodSandboxStatus")
-    .into_inner()
-    .status
-    .and_then(|s| s.network)
-    .map(|n| n.ip)
-    .unwrap_or_default()
-}
-
-/// Starts a busybox container in `pod` running `command`.
-async fn start_container(
-    rt: &mut RuntimeServiceClient<Channel>,
-    pod: &str,
-    pod_config: &PodSandboxConfig,
-    image: &str,
-    command: &[&str],
-) -> String {
-    let id = rt
-        .create_container(CreateContainerRequest {
-            pod_sandbox_id: pod.to_string(),
-            config: Some(ContainerConfig {
-                metadata: Some(ContainerMetadata {
-                    name: "main".to_string(),
-                    attempt: 0,
-                }),
-                image: Some(ImageSpec {
-                    image: image.to_string(),
-                    ..Default::default()
-                }),
-                command: command.iter().map(|s| s.to_string()).collect(),
-                log_path: "main.log".to_string(),
-                ..Default::default()
-            }),
-            sandbox_config: Some(pod_config.clone()),
-        })
-        .await
-        .expect("CreateContainer")
-        .into_inner()
-        .container_id;
-    rt.start_container(StartContainerRequest {
-        container_id: id.clone(),
-    })
-    .await
-    .expect("StartContainer");
-    id
-}
-
-/// Runs `nc` in a container until it prints something (servers take a
-/// moment to listen); returns what it printed.
-async fn nc_from(
-    rt: &mut RuntimeServiceClient<Channel>,
-    container: &str,
-    ip: &str,
-    port: u16,
-) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let out = rt
-            .exec_sync(ExecSyncRequest {
-                container_id: container.to_string(),
-                cmd: vec![
-                    "nc".into(),
-                    "-w".into(),
-                    "3".into(),
-                    ip.into(),
-                    port.to_string(),
-                ],
-                timeout: 10,
-            })
-            .await
-            .expect("ExecSync")
-            .into_inner();
-        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        if out.exit_code == 0 && !text.is_empty() {
-            return text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "nc {ip} {port} from {container}: exit {} {text:?} {:?}",
-            out.exit_code,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Connects from the host until the server answers; returns its answer.
 fn tcp_read(addr: SocketAddr) -> String {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -507,34 +393,6 @@ fn host_server(ip: Ipv4Addr, marker: &'static str) -> (u16, std::thread::JoinHan
         }
     });
     (port, handle)
-}
-
-async fn remove_pod(rt: &mut RuntimeServiceClient<Channel>, pod: &str) {
-    rt.stop_pod_sandbox(StopPodSandboxRequest {
-        pod_sandbox_id: pod.to_string(),
-    })
-    .await
-    .expect("StopPodSandbox");
-    rt.remove_pod_sandbox(RemovePodSandboxRequest {
-        pod_sandbox_id: pod.to_string(),
-    })
-    .await
-    .expect("RemovePodSandbox");
-}
-
-async fn pull(berthd: &Berthd, image: &str) {
-    berthd
-        .images()
-        .await
-        .pull_image(PullImageRequest {
-            image: Some(ImageSpec {
-                image: image.to_string(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .expect("pull busybox");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -579,7 +437,8 @@ async fn cni_pods_reach_each_other_the_host_and_host_ports_and_del_survives_a_re
     pull(&berthd, &busybox).await;
 
     let host_port = 21_000 + (std::process::id() % 20_000) as u16;
-    let config_a = pod_config(
+    let config_a = pods::pod_config(
+        "cni-test",
         "a",
         logs.path(),
         vec![PortMapping {
@@ -589,7 +448,7 @@ async fn cni_pods_reach_each_other_the_host_and_host_ports_and_del_survives_a_re
             host_ip: "127.0.0.1".to_string(),
         }],
     );
-    let config_b = pod_config("b", logs.path(), Vec::new());
+    let config_b = pods::pod_config("cni-test", "b", logs.path(), Vec::new());
     let pod_a = run_pod(&mut rt, &config_a).await;
     let pod_b = run_pod(&mut rt, &config_b).await;
     let ip_a = pod_ip(&mut rt, &pod_a).await;
@@ -653,7 +512,7 @@ async fn cni_pods_reach_each_other_the_host_and_host_ports_and_del_survives_a_re
         .count();
     assert_eq!(bridge_checks, 2, "{log}");
     assert_eq!(nc_from(&mut rt, &c_b, &ip_a, 8080).await, "pong-a");
-    let config_c = pod_config("c", logs.path(), Vec::new());
+    let config_c = pods::pod_config("cni-test", "c", logs.path(), Vec::new());
     let pod_c = run_pod(&mut rt, &config_c).await;
     let ip_c = pod_ip(&mut rt, &pod_c).await;
     assert!(other.in_subnet(&ip_c), "{ip_c} in {}", other.subnet);
@@ -696,10 +555,19 @@ async fn cluster_mode_is_not_ready_until_a_config_appears() {
         (json!("cni"), json!("cni"))
     );
     assert_eq!(info["network"], Value::Null);
+    // kubelet's pod CIDR is recorded, not used: the CNI config decides.
+    let pod_cidr = "10.244.7.0/24,fd00:10:244:7::/64";
+    update_pod_cidr(&mut rt, pod_cidr).await.expect("pod CIDR");
+    assert_eq!(network_info(&mut rt).await["podCidr"], json!(pod_cidr));
     // No pod starts on a network the node cannot route.
     let err = rt
         .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(pod_config("early", logs.path(), Vec::new())),
+            config: Some(pods::pod_config(
+                "cni-test",
+                "early",
+                logs.path(),
+                Vec::new(),
+            )),
             runtime_handler: String::new(),
         })
         .await
@@ -737,7 +605,8 @@ async fn cluster_mode_is_not_ready_until_a_config_appears() {
         "{info}"
     );
 
-    let config = pod_config(
+    let config = pods::pod_config(
+        "cni-test",
         "web",
         logs.path(),
         vec![PortMapping {

@@ -29,6 +29,14 @@
 //!
 //! - `results/<pod id>.json`: the pod's attachment; see [`super::cache`].
 //!
+//! # Pod CIDR
+//!
+//! kubelet's pod CIDR (`UpdateRuntimeConfig`) is only recorded, logged and
+//! shown in `Status` verbose info (`podCidr`): the CNI config belongs to the
+//! cluster's network add-on, which learns the node's CIDR from the API
+//! server. containerd does the same unless a `conf_template` is set, from
+//! which it would write a config; berth has no templates.
+//!
 //! Kernel objects (veths, bridges, iptables or nftables rules, address
 //! claims) belong to the plugins, which make them on ADD and remove them on
 //! DEL; berth touches none of them.
@@ -41,6 +49,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
@@ -197,6 +206,8 @@ pub struct CniNetwork {
     /// ADD and DEL hold it shared, GC exclusively, as the spec asks.
     gc_lock: RwLock<()>,
     watcher: Mutex<Option<JoinHandle<()>>>,
+    /// The last pod CIDR kubelet set; see the module doc.
+    pod_cidrs: Mutex<Vec<IpNet>>,
 }
 
 impl CniNetwork {
@@ -237,6 +248,7 @@ impl CniNetwork {
             cache,
             gc_lock: RwLock::new(()),
             watcher: Mutex::new(watcher),
+            pod_cidrs: Mutex::new(Vec::new()),
         })
     }
 
@@ -445,7 +457,19 @@ impl PodNetwork for CniNetwork {
                 "error": e.reason,
             })).collect::<Vec<_>>(),
             "attachments": self.cache.list().len(),
+            "podCidr": self.pod_cidrs.lock().unwrap_or_else(|e| e.into_inner())
+                .iter().map(|c| c.to_string()).collect::<Vec<_>>().join(","),
         })
+    }
+
+    fn set_pod_cidrs(&self, cidrs: &[IpNet]) -> Result<(), NetworkError> {
+        if cidrs.is_empty() {
+            return Ok(());
+        }
+        let text: Vec<String> = cidrs.iter().map(|c| c.to_string()).collect();
+        tracing::info!(pod_cidr = %text.join(","), "pod CIDR recorded; the CNI config decides addresses");
+        *self.pod_cidrs.lock().unwrap_or_else(|e| e.into_inner()) = cidrs.to_vec();
+        Ok(())
     }
 
     fn reconcile(&self, live: &[PodNetworkRequest]) -> Result<(), NetworkError> {

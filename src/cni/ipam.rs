@@ -1,8 +1,10 @@
-//! Persisted IPv4 address management for the bridge network: one file per
-//! address handed out, claimed atomically before the address is put to use.
+//! Persisted IPv4 and IPv6 address management for the bridge network: one
+//! file per address handed out, claimed atomically before the address is put
+//! to use.
 //!
 //! Layout under the IPAM directory, one subdirectory per subnet
-//! (`<dir>/10.66.0.0-16/`):
+//! (`<dir>/10.66.0.0-16/`, `<dir>/fd66::-64/`), so pods keep the addresses of
+//! an earlier subnet after the pod CIDR changes:
 //!
 //! - `<address>`: one per address in use, holding the owning pod's id. It is
 //!   written in full to a temporary file first and then hard-linked into
@@ -11,18 +13,20 @@
 //! - `last`: the address handed out last; the search for a free one starts
 //!   after it, so a freed address is not handed out again at once.
 //!
-//! The network address, the gateway (first host address) and the broadcast
-//! address are never handed out. Nothing is fsynced: a crash of berthd keeps
+//! The network address (for IPv6 the subnet-router anycast address), the
+//! gateway (first host address) and the last address (IPv4 broadcast; kept
+//! free in IPv6 too, as CNI's host-local does for IPv4 only, so both families
+//! follow one rule) are never handed out. Nothing is fsynced: a crash of berthd keeps
 //! what the kernel wrote, and a crash of the machine ends every pod too.
 
 use std::collections::HashSet;
 use std::fs;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 use super::NetworkError;
 use crate::store::{self, Durability};
@@ -30,24 +34,21 @@ use crate::store::{self, Durability};
 const LAST: &str = "last";
 const CLAIM_PREFIX: &str = ".claim-";
 
-/// The addresses of one IPv4 subnet and who holds them.
+/// The addresses of one subnet and who holds them.
 #[derive(Debug)]
 pub struct Ipam {
     dir: PathBuf,
-    subnet: Ipv4Net,
+    subnet: IpNet,
 }
 
 impl Ipam {
     /// Opens (creating) the allocations of `subnet` under `dir`, dropping
-    /// half-written files a crash may have left. One process at a time.
-    pub fn open(dir: &Path, subnet: Ipv4Net) -> Result<Ipam, NetworkError> {
-        if subnet.prefix_len() > 30 {
-            return Err(NetworkError::Config(format!(
-                "subnet {subnet} is too small: a /30 or larger leaves room for a gateway and pods"
-            )));
-        }
+    /// half-written files a crash may have left. One process at a time, and
+    /// never while an allocation in the same subnet is under way.
+    pub fn open(dir: &Path, subnet: IpNet) -> Result<Ipam, NetworkError> {
+        check_size(subnet)?;
         let subnet = subnet.trunc();
-        let dir = dir.join(format!("{}-{}", subnet.addr(), subnet.prefix_len()));
+        let dir = dir.join(dir_name(subnet));
         fs::create_dir_all(&dir).map_err(|source| NetworkError::Ipam {
             path: dir.clone(),
             source,
@@ -62,13 +63,39 @@ impl Ipam {
         Ok(ipam)
     }
 
-    pub fn subnet(&self) -> Ipv4Net {
+    /// The subnets that have a directory under `dir`: every subnet addresses
+    /// were ever handed out from, since the last reboot.
+    pub fn subnets_in(dir: &Path) -> Result<Vec<IpNet>, NetworkError> {
+        let entries = match fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => {
+                return Err(NetworkError::Ipam {
+                    path: dir.to_path_buf(),
+                    source,
+                });
+            }
+        };
+        let mut subnets: Vec<IpNet> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter_map(|name| {
+                let (addr, len) = name.rsplit_once('-')?;
+                IpNet::new(addr.parse().ok()?, len.parse().ok()?).ok()
+            })
+            .filter(|net| dir_name(*net) == dir_name(net.trunc()))
+            .collect();
+        subnets.sort();
+        Ok(subnets)
+    }
+
+    pub fn subnet(&self) -> IpNet {
         self.subnet
     }
 
     /// The bridge's address: the first host address of the subnet.
-    pub fn gateway(&self) -> Ipv4Addr {
-        first_host(self.subnet)
+    pub fn gateway(&self) -> IpAddr {
+        gateway(self.subnet)
     }
 
     pub fn dir(&self) -> &Path {
@@ -76,22 +103,24 @@ impl Ipam {
     }
 
     /// Claims a free address for `pod_id` and records it before returning.
-    pub fn allocate(&self, pod_id: &str) -> Result<Ipv4Addr, NetworkError> {
-        let used: HashSet<Ipv4Addr> = self
+    pub fn allocate(&self, pod_id: &str) -> Result<IpAddr, NetworkError> {
+        let used: HashSet<IpAddr> = self
             .read_dir()?
             .iter()
             .filter_map(|n| n.parse().ok())
             .collect();
-        let first = u32::from(first_host(self.subnet)) + 1;
-        let last = u32::from(self.subnet.broadcast()) - 1;
+        let (first, last) = pod_range(self.subnet);
         let start = fs::read_to_string(self.dir.join(LAST))
             .ok()
-            .and_then(|s| s.trim().parse::<Ipv4Addr>().ok())
-            .map(u32::from)
+            .and_then(|s| s.trim().parse::<IpAddr>().ok())
+            .map(to_number)
             .filter(|a| (first..=last).contains(a))
             .map(|a| if a == last { first } else { a + 1 })
             .unwrap_or(first);
-        let candidates = (start..=last).chain(first..start).map(Ipv4Addr::from);
+        let is_v4 = self.subnet.addr().is_ipv4();
+        let candidates = (start..=last)
+            .chain(first..start)
+            .map(|n| from_number(n, is_v4));
         let claim = self.write_claim_file(pod_id)?;
         let mut result = Err(NetworkError::AddressesExhausted {
             subnet: self.subnet.to_string(),
@@ -126,7 +155,7 @@ impl Ipam {
     }
 
     /// Frees `address` if `pod_id` holds it; false when it did not.
-    pub fn release(&self, address: Ipv4Addr, pod_id: &str) -> Result<bool, NetworkError> {
+    pub fn release(&self, address: IpAddr, pod_id: &str) -> Result<bool, NetworkError> {
         let path = self.dir.join(address.to_string());
         match fs::read_to_string(&path) {
             Ok(owner) if owner.trim() == pod_id => {}
@@ -142,17 +171,17 @@ impl Ipam {
     }
 
     /// Who holds `address`, if anyone.
-    pub fn owner(&self, address: Ipv4Addr) -> Option<String> {
+    pub fn owner(&self, address: IpAddr) -> Option<String> {
         fs::read_to_string(self.dir.join(address.to_string()))
             .ok()
             .map(|s| s.trim().to_string())
     }
 
     /// Every address in use, with the pod holding it.
-    pub fn allocations(&self) -> Result<Vec<(Ipv4Addr, String)>, NetworkError> {
+    pub fn allocations(&self) -> Result<Vec<(IpAddr, String)>, NetworkError> {
         let mut all = Vec::new();
         for name in self.read_dir()? {
-            let Ok(address) = name.parse::<Ipv4Addr>() else {
+            let Ok(address) = name.parse::<IpAddr>() else {
                 continue;
             };
             if let Some(owner) = self.owner(address) {
@@ -191,30 +220,77 @@ impl Ipam {
     }
 }
 
-fn first_host(subnet: Ipv4Net) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(subnet.network()) + 1)
+/// Refuses subnets with no room for a gateway and one pod: longer than /30
+/// for IPv4, /126 for IPv6.
+pub fn check_size(subnet: IpNet) -> Result<(), NetworkError> {
+    if subnet.prefix_len() + 2 > subnet.max_prefix_len() {
+        return Err(NetworkError::Config(format!(
+            "subnet {subnet} is too small: a /{} or larger leaves room for a gateway and pods",
+            subnet.max_prefix_len() - 2
+        )));
+    }
+    Ok(())
+}
+
+/// The gateway of a subnet: its first host address.
+pub fn gateway(subnet: IpNet) -> IpAddr {
+    let subnet = subnet.trunc();
+    from_number(to_number(subnet.network()) + 1, subnet.addr().is_ipv4())
+}
+
+/// `<network address>-<prefix length>`.
+fn dir_name(subnet: IpNet) -> String {
+    format!("{}-{}", subnet.addr(), subnet.prefix_len())
+}
+
+/// The first and last address handed to pods, as numbers.
+fn pod_range(subnet: IpNet) -> (u128, u128) {
+    (
+        to_number(subnet.network()) + 2,
+        to_number(subnet.broadcast()) - 1,
+    )
+}
+
+fn to_number(address: IpAddr) -> u128 {
+    match address {
+        IpAddr::V4(a) => u128::from(u32::from(a)),
+        IpAddr::V6(a) => u128::from(a),
+    }
+}
+
+fn from_number(n: u128, v4: bool) -> IpAddr {
+    if v4 {
+        // IPv4 numbers here are addresses of an IPv4 subnet: they fit.
+        IpAddr::V4(Ipv4Addr::from(u32::try_from(n).unwrap_or(u32::MAX)))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(n))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn net(s: &str) -> Ipv4Net {
+    fn net(s: &str) -> IpNet {
         s.parse().expect("subnet")
+    }
+
+    fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(a, b, c, d))
     }
 
     #[test]
     fn hands_out_host_addresses_after_the_gateway() {
         let dir = tempfile::tempdir().expect("tempdir");
         let ipam = Ipam::open(dir.path(), net("10.66.0.0/16")).expect("open");
-        assert_eq!(ipam.gateway(), Ipv4Addr::new(10, 66, 0, 1));
-        assert_eq!(ipam.allocate("a").expect("a"), Ipv4Addr::new(10, 66, 0, 2));
-        assert_eq!(ipam.allocate("b").expect("b"), Ipv4Addr::new(10, 66, 0, 3));
+        assert_eq!(ipam.gateway(), v4(10, 66, 0, 1));
+        assert_eq!(ipam.allocate("a").expect("a"), v4(10, 66, 0, 2));
+        assert_eq!(ipam.allocate("b").expect("b"), v4(10, 66, 0, 3));
         assert_eq!(
             ipam.allocations().expect("list"),
             vec![
-                (Ipv4Addr::new(10, 66, 0, 2), "a".to_string()),
-                (Ipv4Addr::new(10, 66, 0, 3), "b".to_string()),
+                (v4(10, 66, 0, 2), "a".to_string()),
+                (v4(10, 66, 0, 3), "b".to_string()),
             ]
         );
     }
@@ -224,7 +300,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let ipam = Ipam::open(dir.path(), net("10.66.3.7/24")).expect("open");
         assert_eq!(ipam.subnet(), net("10.66.3.0/24"));
-        assert_eq!(ipam.gateway(), Ipv4Addr::new(10, 66, 3, 1));
+        assert_eq!(ipam.gateway(), v4(10, 66, 3, 1));
         assert!(ipam.dir().ends_with("10.66.3.0-24"));
     }
 
@@ -278,8 +354,8 @@ mod tests {
         let got: Vec<_> = (0..5)
             .map(|i| ipam.allocate(&format!("p{i}")).expect("allocate"))
             .collect();
-        assert_eq!(got.first(), Some(&Ipv4Addr::new(10, 66, 0, 2)));
-        assert_eq!(got.last(), Some(&Ipv4Addr::new(10, 66, 0, 6)));
+        assert_eq!(got.first(), Some(&v4(10, 66, 0, 2)));
+        assert_eq!(got.last(), Some(&v4(10, 66, 0, 6)));
         let err = ipam.allocate("p5").expect_err("full").to_string();
         assert!(err.contains("10.66.0.0/29"), "{err}");
         assert!(err.contains("no free address"), "{err}");
@@ -315,7 +391,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         assert!(Ipam::open(dir.path(), net("10.66.0.0/31")).is_err());
         let ipam = Ipam::open(dir.path(), net("10.66.0.0/30")).expect("a /30 has one pod address");
-        assert_eq!(ipam.allocate("a").expect("a"), Ipv4Addr::new(10, 66, 0, 2));
+        assert_eq!(ipam.allocate("a").expect("a"), v4(10, 66, 0, 2));
         assert!(ipam.allocate("b").is_err());
     }
 
@@ -340,5 +416,56 @@ mod tests {
             }
         }
         assert_eq!(all.len(), 60);
+    }
+
+    #[test]
+    fn ipv6_subnets_hand_out_addresses_after_the_gateway_and_never_twice() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ipam = Ipam::open(dir.path(), net("fd66:1::/64")).expect("open");
+        let at = |s: &str| s.parse::<IpAddr>().expect("address");
+        assert_eq!(ipam.gateway(), at("fd66:1::1"));
+        assert!(ipam.dir().ends_with("fd66:1::-64"));
+        let a = ipam.allocate("a").expect("a");
+        assert_eq!(a, at("fd66:1::2"));
+        ipam.release(a, "a").expect("release");
+        assert_eq!(ipam.allocate("b").expect("b"), at("fd66:1::3"));
+        let ipam = Ipam::open(dir.path(), net("fd66:1::/64")).expect("reopen");
+        assert_eq!(ipam.allocate("c").expect("c"), at("fd66:1::4"));
+        assert_eq!(
+            ipam.allocations().expect("list"),
+            vec![
+                (at("fd66:1::3"), "b".to_string()),
+                (at("fd66:1::4"), "c".to_string())
+            ]
+        );
+    }
+
+    #[test]
+    fn small_ipv6_subnets_fill_up_and_wrap_around() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(Ipam::open(dir.path(), net("fd66::/127")).is_err());
+        // /126: ::0 anycast, ::1 gateway, ::3 last: ::2 alone for pods.
+        let ipam = Ipam::open(dir.path(), net("fd66::/126")).expect("open");
+        let only = ipam.allocate("a").expect("a");
+        assert_eq!(only, "fd66::2".parse::<IpAddr>().expect("address"));
+        let err = ipam.allocate("b").expect_err("full").to_string();
+        assert!(err.contains("fd66::/126"), "{err}");
+    }
+
+    #[test]
+    fn every_subnet_used_is_found_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(
+            Ipam::subnets_in(&dir.path().join("none"))
+                .expect("missing dir")
+                .is_empty()
+        );
+        Ipam::open(dir.path(), net("10.66.0.0/24")).expect("v4");
+        Ipam::open(dir.path(), net("fd66::/64")).expect("v6");
+        fs::create_dir(dir.path().join("not-a-subnet")).expect("stray dir");
+        assert_eq!(
+            Ipam::subnets_in(dir.path()).expect("list"),
+            vec![net("10.66.0.0/24"), net("fd66::/64")]
+        );
     }
 }

@@ -5,6 +5,8 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 
+use ipnet::IpNet;
+
 use crate::runtime::pod::PortMapping;
 
 pub mod bridge;
@@ -34,6 +36,8 @@ pub enum NetworkError {
     InvalidPortMapping(String),
     #[error("host port {port} is already published by pod {other_pod}")]
     HostPortTaken { port: String, other_pod: String },
+    #[error("invalid pod CIDR: {0}")]
+    InvalidPodCidr(String),
     #[error("no free address left in the pod subnet {subnet}")]
     AddressesExhausted { subnet: String },
     #[error("IPAM record {path}: {source}")]
@@ -66,7 +70,7 @@ pub struct PodNetworkRequest {
     pub port_mappings: Vec<PortMapping>,
 }
 
-/// What a pod got: its addresses, first the primary one.
+/// What a pod got: its addresses, first the primary one (IPv4 before IPv6).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PodNetworkStatus {
     pub ips: Vec<IpAddr>,
@@ -85,4 +89,7 @@ pub trait PodNetwork: Send + Sync {
     fn reconcile(&self, live: &[PodNetworkRequest]) -> Result<(), NetworkError>;
     /// Removes the node-wide objects (bridge, table) once no pod is left.
     fn remove_all(&self) -> Result<(), NetworkError>;
+    /// kubelet's pod CIDR (`UpdateRuntimeConfig`), one subnet per family at
+    /// most, for pods set up from now on; an empty list changes nothing.
+    fn set_pod_cidrs(&self, cidrs: &[IpNet]) -> Result<(), NetworkError>;
 }

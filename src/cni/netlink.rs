@@ -1,5 +1,5 @@
-//! A small synchronous rtnetlink client for the bridge network: links, addresses
-//! and routes of one network namespace, the one the socket was opened in.
+//! A small synchronous rtnetlink client for the bridge network: links, IPv4
+//! and IPv6 addresses and routes of one network namespace, the one the socket was opened in.
 //!
 //! A socket stays bound to the namespace of the thread that opened it, so a
 //! pod's side is reached by opening the socket on a throw-away thread that
@@ -8,16 +8,18 @@
 
 use std::fs::File;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
     NetlinkPayload,
 };
-use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::address::{
+    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage,
+};
 use netlink_packet_route::link::{
     InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoPortKind, InfoVeth, LinkAttribute,
     LinkFlags, LinkInfo, LinkMessage,
@@ -295,10 +297,9 @@ impl RouteSocket {
         Ok(())
     }
 
-    /// The IPv4 addresses of a link, with their prefix lengths.
-    pub fn ipv4_addresses(&mut self, index: u32) -> io::Result<Vec<Ipv4Net>> {
+    /// The addresses of a link (both families), with their prefix lengths.
+    pub fn addresses(&mut self, index: u32) -> io::Result<Vec<IpNet>> {
         let mut msg = AddressMessage::default();
-        msg.header.family = AddressFamily::Inet;
         msg.header.index = index;
         let replies = self.request(RouteNetlinkMessage::GetAddress(msg), NLM_F_DUMP)?;
         let mut addresses = Vec::new();
@@ -309,29 +310,52 @@ impl RouteSocket {
             if m.header.index != index {
                 continue;
             }
-            for attr in &m.attributes {
-                if let AddressAttribute::Local(IpAddr::V4(a)) = attr
-                    && let Ok(net) = Ipv4Net::new(*a, m.header.prefix_len)
-                {
-                    addresses.push(net);
-                }
+            // IFA_LOCAL is the address for IPv4; IPv6 messages carry only IFA_ADDRESS.
+            let local = m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(ip) => Some(*ip),
+                _ => None,
+            });
+            let address = local.or_else(|| {
+                m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(ip) => Some(*ip),
+                    _ => None,
+                })
+            });
+            if let Some(ip) = address
+                && let Ok(net) = IpNet::new(ip, m.header.prefix_len)
+            {
+                addresses.push(net);
             }
         }
         Ok(addresses)
     }
 
-    /// Adds an IPv4 address (with its broadcast address) to a link.
-    pub fn add_ipv4_address(&mut self, index: u32, address: Ipv4Net) -> io::Result<()> {
+    /// Adds an address to a link: IPv4 with its broadcast address, IPv6
+    /// without duplicate address detection, so it is usable at once instead
+    /// of tentative for a second or more (the subnet is berth's own).
+    pub fn add_address(&mut self, index: u32, address: IpNet) -> io::Result<()> {
         let mut msg = AddressMessage::default();
-        msg.header.family = AddressFamily::Inet;
         msg.header.prefix_len = address.prefix_len();
         msg.header.index = index;
-        msg.attributes
-            .push(AddressAttribute::Local(IpAddr::V4(address.addr())));
-        msg.attributes
-            .push(AddressAttribute::Address(IpAddr::V4(address.addr())));
-        msg.attributes
-            .push(AddressAttribute::Broadcast(address.broadcast()));
+        match address {
+            IpNet::V4(v4) => {
+                msg.header.family = AddressFamily::Inet;
+                msg.attributes
+                    .push(AddressAttribute::Local(IpAddr::V4(v4.addr())));
+                msg.attributes
+                    .push(AddressAttribute::Address(IpAddr::V4(v4.addr())));
+                msg.attributes
+                    .push(AddressAttribute::Broadcast(v4.broadcast()));
+            }
+            IpNet::V6(v6) => {
+                msg.header.family = AddressFamily::Inet6;
+                msg.header.flags = AddressHeaderFlags::Nodad;
+                msg.attributes
+                    .push(AddressAttribute::Address(IpAddr::V6(v6.addr())));
+                msg.attributes
+                    .push(AddressAttribute::Flags(AddressFlags::Nodad));
+            }
+        }
         self.request(
             RouteNetlinkMessage::NewAddress(msg),
             NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
@@ -339,17 +363,34 @@ impl RouteSocket {
         Ok(())
     }
 
-    /// Adds the default IPv4 route via `gateway` on link `index`.
-    pub fn add_default_route(&mut self, gateway: Ipv4Addr, index: u32) -> io::Result<()> {
+    /// Removes an address from a link.
+    pub fn delete_address(&mut self, index: u32, address: IpNet) -> io::Result<()> {
+        let mut msg = AddressMessage::default();
+        msg.header.family = match address {
+            IpNet::V4(_) => AddressFamily::Inet,
+            IpNet::V6(_) => AddressFamily::Inet6,
+        };
+        msg.header.prefix_len = address.prefix_len();
+        msg.header.index = index;
+        msg.attributes.push(AddressAttribute::Local(address.addr()));
+        self.request(RouteNetlinkMessage::DelAddress(msg), NLM_F_ACK)?;
+        Ok(())
+    }
+
+    /// Adds the default route of `gateway`'s family via it on link `index`.
+    pub fn add_default_route(&mut self, gateway: IpAddr, index: u32) -> io::Result<()> {
         let mut msg = RouteMessage::default();
-        msg.header.address_family = AddressFamily::Inet;
+        msg.header.address_family = match gateway {
+            IpAddr::V4(_) => AddressFamily::Inet,
+            IpAddr::V6(_) => AddressFamily::Inet6,
+        };
         msg.header.table = RouteHeader::RT_TABLE_MAIN;
         msg.header.protocol = RouteProtocol::Boot;
         msg.header.scope = RouteScope::Universe;
         msg.header.kind = RouteType::Unicast;
         msg.header.destination_prefix_length = 0;
         msg.attributes
-            .push(RouteAttribute::Gateway(RouteAddress::Inet(gateway)));
+            .push(RouteAttribute::Gateway(RouteAddress::from(gateway)));
         msg.attributes.push(RouteAttribute::Oif(index));
         self.request(
             RouteNetlinkMessage::NewRoute(msg),

@@ -43,9 +43,12 @@
 //!   address (`fib daddr type local`) go through `hostports`.
 //! - `hostports`: one DNAT rule per published port, commented with the pod's
 //!   id, namespace and name. A port with a host IP matches that destination
-//!   address only; otherwise any local IPv4 address, 127.0.0.1 included.
-//! - `postrouting` (nat, priority 100): pod traffic leaving through any other
-//!   interface than the bridge is masqueraded; DNATed traffic from a pod back
+//!   address only (and so one family); otherwise any local IPv4 address,
+//!   127.0.0.1 included, and for a pod with an IPv6 address any local IPv6
+//!   address but `::1` (see [`pod_rules`]).
+//! - `postrouting` (nat, priority 100), per pod subnet of either family: pod
+//!   traffic leaving through any other interface than the bridge is
+//!   masqueraded; DNATed traffic from a pod back
 //!   onto the bridge (hairpin: a pod reaching itself or another pod through a
 //!   host port) is masqueraded to the gateway so replies come back through
 //!   the host; DNATed traffic from 127.0.0.0/8 (the host reaching a host port
@@ -58,13 +61,13 @@
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::ptr::NonNull;
 use std::sync::{Mutex, OnceLock};
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 use super::NetworkError;
 use super::portmap::HostPort;
@@ -72,21 +75,25 @@ use super::portmap::HostPort;
 /// Longest comment written on a rule (nftables allows a little more).
 const COMMENT_MAX: usize = 128;
 
-/// What the table is made for: its name, the bridge and the pod subnet.
+/// What the table is made for: its name, the bridge and the pod subnets
+/// (those new pods get addresses from and those live pods still hold, IPv4
+/// and IPv6).
 #[derive(Debug, Clone, Copy)]
 pub struct TableSpec<'a> {
     pub table: &'a str,
     pub bridge: &'a str,
-    pub subnet: Ipv4Net,
+    pub subnets: &'a [IpNet],
 }
 
-/// One pod's published ports.
+/// One pod's published ports and the addresses they lead to.
 #[derive(Debug, Clone, Copy)]
 pub struct PodPorts<'a> {
     pub pod_id: &'a str,
     pub namespace: &'a str,
     pub name: &'a str,
     pub ip: Ipv4Addr,
+    /// With one, ports without a host IP are published on IPv6 too.
+    pub ipv6: Option<Ipv6Addr>,
     pub ports: &'a [HostPort],
 }
 
@@ -103,7 +110,7 @@ pub fn ruleset(spec: &TableSpec<'_>, pods: &[PodPorts<'_>]) -> String {
     let TableSpec {
         table,
         bridge,
-        subnet,
+        subnets,
     } = *spec;
     let mut out = String::new();
     // Writing to a String cannot fail.
@@ -122,10 +129,22 @@ pub fn ruleset(spec: &TableSpec<'_>, pods: &[PodPorts<'_>]) -> String {
     );
     let _ = writeln!(
         out,
-        "  chain postrouting {{\n    type nat hook postrouting priority 100; policy accept;\n    \
-         ip saddr {subnet} oifname != \"{bridge}\" masquerade comment \"pod egress\"\n    \
-         oifname \"{bridge}\" ct status dnat ip saddr {subnet} masquerade comment \"hairpin\"\n    \
-         oifname \"{bridge}\" ct status dnat ip saddr 127.0.0.0/8 masquerade comment \"localhost to host port\"\n  }}"
+        "  chain postrouting {{\n    type nat hook postrouting priority 100; policy accept;"
+    );
+    for subnet in subnets {
+        let family = match subnet {
+            IpNet::V4(_) => "ip",
+            IpNet::V6(_) => "ip6",
+        };
+        let _ = writeln!(
+            out,
+            "    {family} saddr {subnet} oifname != \"{bridge}\" masquerade comment \"pod egress\"\n    \
+             oifname \"{bridge}\" ct status dnat {family} saddr {subnet} masquerade comment \"hairpin\""
+        );
+    }
+    let _ = writeln!(
+        out,
+        "    oifname \"{bridge}\" ct status dnat ip saddr 127.0.0.0/8 masquerade comment \"localhost to host port\"\n  }}"
     );
     let _ = writeln!(
         out,
@@ -144,25 +163,41 @@ pub fn ruleset(spec: &TableSpec<'_>, pods: &[PodPorts<'_>]) -> String {
     out
 }
 
-/// The DNAT rules of one pod, in `hostports`.
+/// The DNAT rules of one pod, in `hostports`: a port with a host IP is
+/// published on that address's family only; one without on IPv4, and on
+/// IPv6 too when the pod has an IPv6 address, except on `::1` (IPv6 has no
+/// `route_localnet`: a packet from `::1` could not leave for the pod, so the
+/// connection is refused instead of left hanging).
 pub fn pod_rules(pod: &PodPorts<'_>) -> Vec<String> {
     let comment = rule_comment(pod.pod_id, pod.namespace, pod.name);
-    pod.ports
-        .iter()
-        .map(|p| {
-            let destination = match p.host_ip {
-                Some(ip) => format!("ip daddr {ip}"),
-                None => "meta nfproto ipv4".to_string(),
-            };
-            format!(
-                "{destination} {proto} dport {host} dnat ip to {ip}:{container} comment \"{comment}\"",
+    let mut rules = Vec::new();
+    for p in pod.ports {
+        let mut rule = |destination: String, to: String| {
+            rules.push(format!(
+                "{destination} {proto} dport {host} dnat {to}:{container} comment \"{comment}\"",
                 proto = p.protocol,
                 host = p.host_port,
-                ip = pod.ip,
                 container = p.container_port,
-            )
-        })
-        .collect()
+            ));
+        };
+        match (p.host_ip, pod.ipv6) {
+            (Some(IpAddr::V4(host)), _) => {
+                rule(format!("ip daddr {host}"), format!("ip to {}", pod.ip))
+            }
+            (Some(IpAddr::V6(host)), Some(v6)) => {
+                rule(format!("ip6 daddr {host}"), format!("ip6 to [{v6}]"))
+            }
+            // Refused when the pod is set up; nothing to publish.
+            (Some(IpAddr::V6(_)), None) => {}
+            (None, v6) => {
+                rule("meta nfproto ipv4".to_string(), format!("ip to {}", pod.ip));
+                if let Some(v6) = v6 {
+                    rule("ip6 daddr != ::1".to_string(), format!("ip6 to [{v6}]"));
+                }
+            }
+        }
+    }
+    rules
 }
 
 /// `<pod id> <namespace>/<name>`, without characters that would end the
@@ -399,15 +434,25 @@ mod tests {
     use super::*;
     use crate::cni::portmap::Protocol;
 
+    fn subnets() -> &'static [IpNet] {
+        static SUBNETS: OnceLock<Vec<IpNet>> = OnceLock::new();
+        SUBNETS.get_or_init(|| {
+            vec![
+                "10.66.0.0/16".parse().expect("subnet"),
+                "fd66::/64".parse().expect("subnet"),
+            ]
+        })
+    }
+
     fn spec() -> TableSpec<'static> {
         TableSpec {
             table: "berth",
             bridge: "berth0",
-            subnet: "10.66.0.0/16".parse().expect("subnet"),
+            subnets: subnets(),
         }
     }
 
-    fn port(protocol: Protocol, host_ip: Option<Ipv4Addr>, host: u16, container: u16) -> HostPort {
+    fn port(protocol: Protocol, host_ip: Option<IpAddr>, host: u16, container: u16) -> HostPort {
         HostPort {
             protocol,
             host_ip,
@@ -461,6 +506,12 @@ mod tests {
             "oifname \"berth0\" ct status dnat ip saddr 10.66.0.0/16 masquerade comment \"hairpin\""
         ));
         assert!(text.contains("oifname \"berth0\" ct status dnat ip saddr 127.0.0.0/8 masquerade"));
+        assert!(text.contains(
+            "ip6 saddr fd66::/64 oifname != \"berth0\" masquerade comment \"pod egress\""
+        ));
+        assert!(text.contains(
+            "oifname \"berth0\" ct status dnat ip6 saddr fd66::/64 masquerade comment \"hairpin\""
+        ));
     }
 
     #[test]
@@ -477,13 +528,19 @@ mod tests {
     fn each_host_port_is_one_commented_dnat_rule() {
         let ports = [
             port(Protocol::Tcp, None, 8080, 80),
-            port(Protocol::Udp, Some(Ipv4Addr::new(192, 0, 2, 2)), 5353, 53),
+            port(
+                Protocol::Udp,
+                Some(Ipv4Addr::new(192, 0, 2, 2).into()),
+                5353,
+                53,
+            ),
         ];
         let pod = PodPorts {
             pod_id: "0123abcd",
             namespace: "default",
             name: "web",
             ip: Ipv4Addr::new(10, 66, 0, 2),
+            ipv6: None,
             ports: &ports,
         };
         assert_eq!(
@@ -506,13 +563,14 @@ mod tests {
     fn sctp_ports_get_sctp_rules() {
         let ports = [
             port(Protocol::Sctp, None, 9999, 99),
-            port(Protocol::Sctp, Some(Ipv4Addr::LOCALHOST), 3868, 3868),
+            port(Protocol::Sctp, Some(Ipv4Addr::LOCALHOST.into()), 3868, 3868),
         ];
         let pod = PodPorts {
             pod_id: "feed",
             namespace: "telco",
             name: "diameter",
             ip: Ipv4Addr::new(10, 66, 0, 9),
+            ipv6: None,
             ports: &ports,
         };
         assert_eq!(
@@ -522,6 +580,36 @@ mod tests {
                 "ip daddr 127.0.0.1 sctp dport 3868 dnat ip to 10.66.0.9:3868 comment \"feed telco/diameter\"",
             ]
         );
+    }
+
+    #[test]
+    fn dual_stack_pods_publish_on_each_family_as_their_host_ip_says() {
+        let host6: IpAddr = "fd66::1".parse().expect("address");
+        let ports = [
+            port(Protocol::Tcp, None, 8080, 80),
+            port(Protocol::Tcp, Some(Ipv4Addr::LOCALHOST.into()), 8081, 81),
+            port(Protocol::Udp, Some(host6), 8082, 82),
+        ];
+        let pod = PodPorts {
+            pod_id: "d5",
+            namespace: "ns",
+            name: "dual",
+            ip: Ipv4Addr::new(10, 66, 0, 5),
+            ipv6: Some("fd66::5".parse().expect("address")),
+            ports: &ports,
+        };
+        assert_eq!(
+            pod_rules(&pod),
+            vec![
+                "meta nfproto ipv4 tcp dport 8080 dnat ip to 10.66.0.5:80 comment \"d5 ns/dual\"",
+                "ip6 daddr != ::1 tcp dport 8080 dnat ip6 to [fd66::5]:80 comment \"d5 ns/dual\"",
+                "ip daddr 127.0.0.1 tcp dport 8081 dnat ip to 10.66.0.5:81 comment \"d5 ns/dual\"",
+                "ip6 daddr fd66::1 udp dport 8082 dnat ip6 to [fd66::5]:82 comment \"d5 ns/dual\"",
+            ]
+        );
+        // Without an IPv6 address an IPv6 host IP publishes nothing.
+        let v4_only = PodPorts { ipv6: None, ..pod };
+        assert_eq!(pod_rules(&v4_only).len(), 2);
     }
 
     #[test]
@@ -556,7 +644,7 @@ mod tests {
         let spec = TableSpec {
             table: &table,
             bridge: "berthunit0",
-            subnet: "10.250.0.0/24".parse().expect("subnet"),
+            subnets: &["10.250.0.0/24".parse().expect("subnet")],
         };
         let ports = [port(Protocol::Tcp, None, 18080, 80)];
         let pod = PodPorts {
@@ -564,6 +652,7 @@ mod tests {
             namespace: "unit",
             name: "web",
             ip: Ipv4Addr::new(10, 250, 0, 2),
+            ipv6: None,
             ports: &ports,
         };
         let listed = || {
@@ -599,14 +688,21 @@ mod tests {
         }
         let ports = [
             port(Protocol::Tcp, None, 8080, 80),
-            port(Protocol::Udp, Some(Ipv4Addr::LOCALHOST), 5353, 53),
+            port(Protocol::Udp, Some(Ipv4Addr::LOCALHOST.into()), 5353, 53),
             port(Protocol::Sctp, None, 9999, 99),
+            port(
+                Protocol::Tcp,
+                Some("fd66::1".parse().expect("address")),
+                8443,
+                443,
+            ),
         ];
         let pod = PodPorts {
             pod_id: "0123",
             namespace: "default",
             name: "web",
             ip: Ipv4Addr::new(10, 66, 0, 2),
+            ipv6: Some("fd66::2".parse().expect("address")),
             ports: &ports,
         };
         let text = ruleset(&spec(), &[pod]);

@@ -2,7 +2,7 @@
 //! host ports the nftables rules publish, and the rule for when two clash.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
@@ -48,8 +48,9 @@ impl fmt::Display for Protocol {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct HostPort {
     pub protocol: Protocol,
-    /// Only this host address answers; None: every local address does.
-    pub host_ip: Option<Ipv4Addr>,
+    /// Only this host address answers (and so only its family); None: every
+    /// local address does.
+    pub host_ip: Option<IpAddr>,
     pub host_port: u16,
     pub container_port: u16,
 }
@@ -101,12 +102,7 @@ pub fn host_ports(mappings: &[PortMapping]) -> Result<Vec<HostPort>, NetworkErro
             "" => None,
             text => match text.parse::<IpAddr>() {
                 Ok(ip) if ip.is_unspecified() => None,
-                Ok(IpAddr::V4(ip)) => Some(ip),
-                Ok(IpAddr::V6(_)) => {
-                    return Err(bad(format!(
-                        "host IP {text} is IPv6; the built-in network publishes IPv4 only"
-                    )));
-                }
+                Ok(ip) => Some(ip),
                 Err(_) => return Err(bad(format!("host IP {text:?} is not an IP address"))),
             },
         };
@@ -128,6 +124,8 @@ pub fn host_ports(mappings: &[PortMapping]) -> Result<Vec<HostPort>, NetworkErro
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     fn mapping(protocol: &str, container: i32, host: i32, ip: &str) -> PortMapping {
@@ -146,6 +144,7 @@ mod tests {
             mapping("UDP", 53, 5353, "127.0.0.1"),
             mapping("SCTP", 9, 9999, "0.0.0.0"),
             mapping("", 443, 8443, "::"),
+            mapping("TCP", 80, 8081, "fd00::1"),
         ])
         .expect("valid");
         assert_eq!(
@@ -159,7 +158,7 @@ mod tests {
                 },
                 HostPort {
                     protocol: Protocol::Udp,
-                    host_ip: Some(Ipv4Addr::LOCALHOST),
+                    host_ip: Some(Ipv4Addr::LOCALHOST.into()),
                     host_port: 5353,
                     container_port: 53
                 },
@@ -174,6 +173,12 @@ mod tests {
                     host_ip: None,
                     host_port: 8443,
                     container_port: 443
+                },
+                HostPort {
+                    protocol: Protocol::Tcp,
+                    host_ip: "fd00::1".parse().ok(),
+                    host_port: 8081,
+                    container_port: 80
                 },
             ]
         );
@@ -195,7 +200,6 @@ mod tests {
             (mapping("TCP", 80, 70000, ""), "host port 70000"),
             (mapping("TCP", 80, -1, ""), "host port -1"),
             (mapping("TCP", 0, 8080, ""), "container port 0"),
-            (mapping("TCP", 80, 8080, "fd00::1"), "IPv6"),
             (mapping("TCP", 80, 8080, "localhost"), "not an IP address"),
         ] {
             let err = host_ports(&[m]).expect_err(want).to_string();
@@ -219,14 +223,14 @@ mod tests {
 
     #[test]
     fn clashes_need_same_protocol_port_and_overlapping_address() {
-        let p = |protocol, ip: Option<Ipv4Addr>, port| HostPort {
+        let p = |protocol, ip: Option<IpAddr>, port| HostPort {
             protocol,
             host_ip: ip,
             host_port: port,
             container_port: 1,
         };
-        let a = Some(Ipv4Addr::new(192, 0, 2, 2));
-        let b = Some(Ipv4Addr::LOCALHOST);
+        let a = Some(IpAddr::from([192, 0, 2, 2]));
+        let b = Some(IpAddr::from([127, 0, 0, 1]));
         assert!(p(Protocol::Tcp, None, 80).clashes_with(&p(Protocol::Tcp, None, 80)));
         assert!(p(Protocol::Tcp, None, 80).clashes_with(&p(Protocol::Tcp, a, 80)));
         assert!(p(Protocol::Tcp, a, 80).clashes_with(&p(Protocol::Tcp, None, 80)));

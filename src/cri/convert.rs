@@ -28,9 +28,9 @@ pub fn runtime_status(e: RuntimeError) -> Status {
         RuntimeError::Network(NetworkError::HostPortTaken { .. }) => {
             Status::already_exists(message)
         }
-        RuntimeError::Network(NetworkError::InvalidPortMapping(_)) => {
-            Status::invalid_argument(message)
-        }
+        RuntimeError::Network(
+            NetworkError::InvalidPortMapping(_) | NetworkError::InvalidPodCidr(_),
+        ) => Status::invalid_argument(message),
         RuntimeError::Network(NetworkError::AddressesExhausted { .. }) => {
             Status::resource_exhausted(message)
         }
@@ -41,6 +41,20 @@ pub fn runtime_status(e: RuntimeError) -> Status {
         RuntimeError::Cdi(_) => Status::failed_precondition(message),
         _ => Status::internal(message),
     }
+}
+
+/// kubelet's pod CIDR: subnets separated by commas (one per family on a
+/// dual-stack node); empty for none.
+pub fn pod_cidrs(text: &str) -> Result<Vec<ipnet::IpNet>, Status> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(|c| {
+            c.parse::<ipnet::IpNet>().map_err(|e| {
+                Status::invalid_argument(format!("pod CIDR {text:?}: {c:?} is not a CIDR ({e})"))
+            })
+        })
+        .collect()
 }
 
 fn sorted(map: &HashMap<String, String>) -> BTreeMap<String, String> {
@@ -168,7 +182,11 @@ pub fn pod_status(pod: &PodRecord) -> cri::PodSandboxStatus {
         created_at: pod.created_at,
         network: Some(cri::PodSandboxNetworkStatus {
             ip: pod.ip.clone().unwrap_or_default(),
-            additional_ips: vec![],
+            additional_ips: pod
+                .additional_ips
+                .iter()
+                .map(|ip| cri::PodIp { ip: ip.clone() })
+                .collect(),
         }),
         linux: Some(cri::LinuxPodSandboxStatus {
             namespaces: Some(cri::Namespace {

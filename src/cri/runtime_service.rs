@@ -529,10 +529,24 @@ impl RuntimeService for CriService {
 
     async fn update_runtime_config(
         &self,
-        _req: Request<UpdateRuntimeConfigRequest>,
+        req: Request<UpdateRuntimeConfigRequest>,
     ) -> Reply<UpdateRuntimeConfigResponse> {
-        traced("UpdateRuntimeConfig", "", async {
-            Err(unimplemented("UpdateRuntimeConfig"))
+        let pod_cidr = req
+            .into_inner()
+            .runtime_config
+            .and_then(|c| c.network_config)
+            .map(|n| n.pod_cidr)
+            .unwrap_or_default();
+        traced("UpdateRuntimeConfig", &pod_cidr.clone(), async {
+            let cidrs = convert::pod_cidrs(&pod_cidr)?;
+            if !cidrs.is_empty() {
+                let runtime = self.runtime.clone();
+                tokio::task::spawn_blocking(move || runtime.network().set_pod_cidrs(&cidrs))
+                    .await
+                    .map_err(|e| Status::internal(format!("pod CIDR task failed: {e}")))?
+                    .map_err(|e| runtime_status(e.into()))?;
+            }
+            Ok(Response::new(UpdateRuntimeConfigResponse {}))
         })
         .await
     }

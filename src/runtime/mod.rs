@@ -413,6 +413,7 @@ impl Runtime {
             cgroup,
             owns_cgroup,
             ip: None,
+            additional_ips: Vec::new(),
             infra_pid: None,
         };
         match self.set_up_pod(&mut record, kinds) {
@@ -465,6 +466,7 @@ impl Runtime {
         } else {
             let status = self.network.set_up(&self.network_request(pod))?;
             pod.ip = status.ips.first().map(|ip| ip.to_string());
+            pod.additional_ips = status.ips.iter().skip(1).map(|ip| ip.to_string()).collect();
             pod::hosts_file(&hostname, pod.ip.as_deref())
         };
         std::fs::write(paths.hosts(), hosts).map_err(io("write hosts"))?;

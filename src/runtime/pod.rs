@@ -91,7 +91,11 @@ pub struct PodRecord {
     pub cgroup: String,
     /// Whether berth made the cgroup (and so removes it).
     pub owns_cgroup: bool,
+    /// The primary address (IPv4 on a dual-stack network).
     pub ip: Option<String>,
+    /// The pod's other addresses, such as its IPv6 one.
+    #[serde(default)]
+    pub additional_ips: Vec<String>,
     /// PID 1 of the pod's shared PID namespace, when it has one.
     #[serde(default)]
     pub infra_pid: Option<i32>,
