@@ -50,6 +50,12 @@ enum Command {
     /// PID 1 of a pod that shares its PID namespace (berthd starts it)
     #[command(hide = true)]
     PodInfra,
+    /// Makes a pod's user namespace and the namespaces it owns (berthd starts it)
+    #[command(hide = true)]
+    PodUserns {
+        #[arg(long)]
+        setup: String,
+    },
     /// Runs a command inside a container (ExecSync), started by berthd
     #[command(hide = true)]
     ExecIn {
@@ -135,6 +141,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         // Both run before any thread exists: they fork and setns.
         Some(Command::Monitor { bundle }) => return Ok(berth::monitor::run(bundle)?),
         Some(Command::PodInfra) => std::process::exit(berth::runtime::run_pod_infra()),
+        Some(Command::PodUserns { setup }) => {
+            std::process::exit(berth::runtime::namespace::run_userns_helper(setup))
+        }
         Some(Command::ExecIn {
             bundle,
             init_pid,

@@ -72,22 +72,39 @@ fn pid1() -> ! {
 }
 
 /// Starts the infra process of a pod, puts it into the pod's cgroups, and
-/// pins its PID namespace at `pin`. Returns its pid.
-pub fn start(exe: &Path, cgroup_procs: &[PathBuf], pin: &Path) -> Result<i32, RuntimeError> {
+/// pins its PID namespace at `pin`. With `userns` (the pod's pinned user
+/// namespace) the PID namespace is made inside it, so that it owns it: the
+/// pod's containers can mount their /proc only then. Returns its pid.
+pub fn start(
+    exe: &Path,
+    cgroup_procs: &[PathBuf],
+    pin: &Path,
+    userns: Option<&Path>,
+) -> Result<i32, RuntimeError> {
     let io = |what: &str| {
         let what = what.to_string();
         move |source| RuntimeError::Io { what, source }
     };
+    let userns = userns
+        .map(std::fs::File::open)
+        .transpose()
+        .map_err(io("open the pod's user namespace"))?;
     let mut command = Command::new(exe);
     command
         .arg("pod-infra")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: unshare is async-signal-safe; it only changes the namespace
-    // that this child's own children will be born into.
+    // SAFETY: setns and unshare are async-signal-safe; the forked child is
+    // single-threaded, as joining a user namespace needs. The infra keeps
+    // its unmapped host uid there, so it execs without capabilities.
     unsafe {
-        command.pre_exec(|| unshare(CloneFlags::CLONE_NEWPID).map_err(std::io::Error::from));
+        command.pre_exec(move || {
+            if let Some(ns) = &userns {
+                nix::sched::setns(ns, CloneFlags::CLONE_NEWUSER)?;
+            }
+            unshare(CloneFlags::CLONE_NEWPID).map_err(std::io::Error::from)
+        });
     }
     let out = command
         .output()

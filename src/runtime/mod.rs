@@ -17,6 +17,7 @@ pub mod seccomp;
 pub mod spec;
 pub mod stats;
 pub mod user;
+pub mod userns;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -355,6 +356,7 @@ impl Runtime {
             )));
         }
         let kinds = pod_namespace_kinds(&config);
+        let user_namespace = userns::requested(&config.namespaces)?;
         for name in config.sysctls.keys() {
             match namespace::sysctl_namespace(name) {
                 Some(kind) if kinds.contains(&kind) => {}
@@ -396,13 +398,20 @@ impl Runtime {
             owns_cgroup,
             ip: None,
             infra_pid: None,
+            user_namespace,
         };
         match self.set_up_pod(&mut record, kinds) {
             Ok(()) => {
+                let userns_host_uid = record.user_namespace.map(|m| m.uids.host_id);
                 self.tables().pods.insert(id.clone(), record);
                 self.emit(&id, &id, EventKind::Created);
                 self.emit(&id, &id, EventKind::Started);
-                tracing::info!(pod = %id, name = %reserved, "pod sandbox running");
+                tracing::info!(
+                    pod = %id,
+                    name = %reserved,
+                    userns_host_uid = ?userns_host_uid,
+                    "pod sandbox running"
+                );
                 Ok(id)
             }
             Err(e) => {
@@ -434,14 +443,15 @@ impl Runtime {
             pod::resolv_conf(pod.config.dns.as_ref()),
         )
         .map_err(io("write resolv.conf"))?;
-        namespace::create_pinned(
-            &paths.ns,
-            NamespaceSetup {
-                kinds,
-                hostname: hostname.clone(),
-                sysctls: pod.config.sysctls.clone(),
-            },
-        )?;
+        let setup = NamespaceSetup {
+            kinds,
+            hostname: hostname.clone(),
+            sysctls: pod.config.sysctls.clone(),
+        };
+        match &pod.user_namespace {
+            Some(map) => namespace::create_pinned_in_userns(&paths.ns, &setup, map, &self.exe)?,
+            None => namespace::create_pinned(&paths.ns, setup)?,
+        }
         let hosts = if pod.config.namespaces.network == NamespaceMode::Node {
             std::fs::read_to_string("/etc/hosts").unwrap_or_default()
         } else {
@@ -456,7 +466,13 @@ impl Runtime {
         self.cgroups.create(&pod.cgroup)?;
         if pod.config.namespaces.pid == NamespaceMode::Pod {
             let procs = self.cgroups.procs_files(&pod.cgroup)?;
-            pod.infra_pid = Some(infra::start(&self.exe, &procs, &paths.ns.join("pid"))?);
+            let userns = pod.user_namespace.map(|_| paths.ns.join("user"));
+            pod.infra_pid = Some(infra::start(
+                &self.exe,
+                &procs,
+                &paths.ns.join("pid"),
+                userns.as_deref(),
+            )?);
         }
         store::write_json(&paths.record(), pod, Durability::Crash)?;
         Ok(())
@@ -469,10 +485,7 @@ impl Runtime {
         if let Some(pid) = pod.infra_pid {
             infra::stop(pid, &paths.ns.join("pid"));
         }
-        namespace::remove_pins(
-            &paths.ns,
-            &[NamespaceKind::Net, NamespaceKind::Ipc, NamespaceKind::Uts],
-        );
+        namespace::remove_pins(&paths.ns, &namespace::ALL_KINDS);
         rootfs::unmount(&paths.shm());
         if pod.owns_cgroup
             && let Err(e) = self.cgroups.remove(&pod.cgroup)
@@ -673,7 +686,15 @@ impl Runtime {
         layers: &[PathBuf],
     ) -> Result<ContainerRecord, RuntimeError> {
         std::fs::create_dir_all(&paths.bundle).map_err(io("create the container bundle"))?;
-        rootfs::mount_overlay(layers, &paths.layer, &paths.rootfs())?;
+        let userns_pin = self.pod_paths(&pod.id).ns.join("user");
+        rootfs::mount_overlay(
+            layers,
+            &paths.layer,
+            &paths.rootfs(),
+            pod.user_namespace
+                .as_ref()
+                .map(|map| (userns_pin.as_path(), map)),
+        )?;
         let rootfs = paths.rootfs();
         let user = user::resolve(
             &user::UserRequest {
@@ -739,6 +760,12 @@ impl Runtime {
                 .display()
                 .to_string()
         };
+        if pod.user_namespace.is_some() && config.pid_mode == NamespaceMode::Node {
+            return Err(RuntimeError::InvalidArgument(
+                "a container of a pod with its own user namespace cannot use the node's pid namespace"
+                    .to_string(),
+            ));
+        }
         let pid_namespace = match config.pid_mode {
             NamespaceMode::Pod => Some(self.pod_paths(&pod.id).ns.join("pid")),
             NamespaceMode::Target => {

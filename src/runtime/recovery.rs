@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use super::container::{ContainerPaths, ContainerRecord, ContainerState};
-use super::namespace::{self, NamespaceKind};
+use super::namespace;
 use super::pod::{PodRecord, PodState};
 use super::{
     ContainerEntry, Runtime, RuntimeError, container_name_key, lost_status, rootfs, state_of,
@@ -18,7 +18,6 @@ use crate::monitor;
 use crate::store::{self, Durability};
 
 const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
-const ALL_PINS: [NamespaceKind; 3] = [NamespaceKind::Net, NamespaceKind::Ipc, NamespaceKind::Uts];
 
 fn entries(dir: &Path) -> impl Iterator<Item = std::fs::DirEntry> {
     std::fs::read_dir(dir).into_iter().flatten().flatten()
@@ -55,7 +54,7 @@ impl Runtime {
                     tracing::info!(dir = %dir.display(), error = %e, "removing a half-made pod");
                     let id = entry.file_name().to_string_lossy().into_owned();
                     let paths = self.pod_paths(&id);
-                    namespace::remove_pins(&paths.ns, &ALL_PINS);
+                    namespace::remove_pins(&paths.ns, &namespace::ALL_KINDS);
                     rootfs::unmount(&paths.shm());
                     self.cgroups
                         .remove_if_empty(&format!("{}/{id}", self.config.cgroup.parent));
@@ -66,7 +65,7 @@ impl Runtime {
             if rebooted && pod.state == PodState::Ready {
                 // Its namespaces died with the old kernel; the pins are plain files now.
                 let paths = self.pod_paths(&pod.id);
-                namespace::remove_pins(&paths.ns, &ALL_PINS);
+                namespace::remove_pins(&paths.ns, &namespace::ALL_KINDS);
                 let _ = std::fs::remove_file(paths.ns.join("pid"));
                 pod.state = PodState::NotReady;
                 pod.infra_pid = None;
@@ -183,7 +182,7 @@ impl Runtime {
             let id = entry.file_name().to_string_lossy().into_owned();
             if !pods.contains(&id) {
                 tracing::info!(pod = %id, "removing orphaned namespace pins");
-                namespace::remove_pins(&entry.path(), &ALL_PINS);
+                namespace::remove_pins(&entry.path(), &namespace::ALL_KINDS);
                 let _ = std::fs::remove_file(entry.path().join("pid"));
                 let _ = std::fs::remove_dir(entry.path());
             }
