@@ -131,6 +131,8 @@ async fn a_user_namespaced_pod_maps_root_its_rootfs_and_volumes() {
         }),
         command: vec!["sleep".into(), "3600".into()],
         log_path: "app.log".to_string(),
+        // A terminal needs its own session in the PID 1 the init hands over to.
+        tty: true,
         mounts: vec![Mount {
             container_path: "/vol".into(),
             host_path: volume.path().display().to_string(),

@@ -226,7 +226,8 @@ fn become_pid1(sync: &SyncSocket) -> Result<(), Failure> {
     unshare(CloneFlags::CLONE_NEWPID).step(|| "unshare the pid namespace".into())?;
     // SAFETY: the init has a single thread; the child goes on with the setup.
     match unsafe { fork() }.step(|| "fork the container's PID 1".into())? {
-        ForkResult::Child => Ok(()),
+        // Its own session, as the first init had: a terminal needs that.
+        ForkResult::Child => Ok(setsid().map(drop).step(|| "setsid".into())?),
         ForkResult::Parent { child } => {
             let code = match sync.send_to_monitor(&FromInit::Pid(child.as_raw())) {
                 Ok(()) => 0,
