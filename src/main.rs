@@ -49,7 +49,11 @@ enum Command {
     },
     /// PID 1 of a pod that shares its PID namespace (berthd starts it)
     #[command(hide = true)]
-    PodInfra,
+    PodInfra {
+        /// An empty directory to chroot into (pods with a user namespace)
+        #[arg(long)]
+        root: Option<PathBuf>,
+    },
     /// Makes a pod's user namespace and the namespaces it owns (berthd starts it)
     #[command(hide = true)]
     PodUserns {
@@ -140,7 +144,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         // Both run before any thread exists: they fork and setns.
         Some(Command::Monitor { bundle }) => return Ok(berth::monitor::run(bundle)?),
-        Some(Command::PodInfra) => std::process::exit(berth::runtime::run_pod_infra()),
+        Some(Command::PodInfra { root }) => {
+            std::process::exit(berth::runtime::run_pod_infra(root.as_deref()))
+        }
         Some(Command::PodUserns { setup }) => {
             std::process::exit(berth::runtime::namespace::run_userns_helper(setup))
         }

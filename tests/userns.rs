@@ -35,7 +35,12 @@ fn mapping(container_id: u32) -> IdMapping {
     }
 }
 
-fn pod_config(name: &str, logs: &std::path::Path, userns: UserNamespace) -> PodSandboxConfig {
+fn pod_config(
+    name: &str,
+    logs: &std::path::Path,
+    userns: UserNamespace,
+    pid: NamespaceMode,
+) -> PodSandboxConfig {
     PodSandboxConfig {
         metadata: Some(PodSandboxMetadata {
             name: name.to_string(),
@@ -55,8 +60,7 @@ fn pod_config(name: &str, logs: &std::path::Path, userns: UserNamespace) -> PodS
             ]),
             security_context: Some(LinuxSandboxSecurityContext {
                 namespace_options: Some(NamespaceOption {
-                    // As kubelet asks by default: a PID namespace per container.
-                    pid: NamespaceMode::Container as i32,
+                    pid: pid as i32,
                     userns_options: Some(userns),
                     ..Default::default()
                 }),
@@ -87,12 +91,57 @@ async fn exec(rt: &mut RuntimeServiceClient<Channel>, id: &str, cmd: &str) -> St
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_user_namespaced_pod_maps_root_its_rootfs_and_volumes() {
+async fn run_pod(rt: &mut RuntimeServiceClient<Channel>, pc: &PodSandboxConfig) -> String {
+    rt.run_pod_sandbox(RunPodSandboxRequest {
+        config: Some(pc.clone()),
+        runtime_handler: String::new(),
+    })
+    .await
+    .expect("RunPodSandbox")
+    .into_inner()
+    .pod_sandbox_id
+}
+
+/// A long-running busybox container with the pod's namespace options, as
+/// kubelet passes them.
+fn app(image: &str, pc: &PodSandboxConfig) -> ContainerConfig {
+    ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: "app".to_string(),
+            attempt: 0,
+        }),
+        image: Some(ImageSpec {
+            image: image.to_string(),
+            ..Default::default()
+        }),
+        command: vec!["sleep".into(), "3600".into()],
+        log_path: "app.log".to_string(),
+        linux: pc.linux.as_ref().map(|l| LinuxContainerConfig {
+            security_context: Some(LinuxContainerSecurityContext {
+                namespace_options: l
+                    .security_context
+                    .as_ref()
+                    .and_then(|s| s.namespace_options.clone()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A berthd holding busybox, pushed to a registry of its own.
+async fn node() -> (Registry, Berthd, String) {
     let registry = Registry::start().expect("registry");
     let busybox = fixtures::push(&registry, Fixture::BusyboxLatest).expect("push busybox");
     let berthd = Berthd::start();
     berthd.pull(&busybox.reference).await;
+    (registry, berthd, busybox.reference)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_namespaced_pod_maps_root_its_rootfs_and_volumes() {
+    let (_registry, berthd, busybox) = node().await;
     let mut rt = berthd.runtime().await;
     let status = rt
         .status(StatusRequest { verbose: false })
@@ -110,27 +159,15 @@ async fn a_user_namespaced_pod_maps_root_its_rootfs_and_volumes() {
 
     let logs = tempfile::tempdir().expect("log dir");
     let volume = tempfile::tempdir().expect("volume");
-    let pc = pod_config("userns", logs.path(), user_namespace(vec![mapping(0)]));
-    let pod = rt
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(pc.clone()),
-            runtime_handler: String::new(),
-        })
-        .await
-        .expect("RunPodSandbox")
-        .into_inner()
-        .pod_sandbox_id;
+    // As kubelet asks by default: a PID namespace per container.
+    let pc = pod_config(
+        "userns",
+        logs.path(),
+        user_namespace(vec![mapping(0)]),
+        NamespaceMode::Container,
+    );
+    let pod = run_pod(&mut rt, &pc).await;
     let config = ContainerConfig {
-        metadata: Some(ContainerMetadata {
-            name: "app".to_string(),
-            attempt: 0,
-        }),
-        image: Some(ImageSpec {
-            image: busybox.reference.clone(),
-            ..Default::default()
-        }),
-        command: vec!["sleep".into(), "3600".into()],
-        log_path: "app.log".to_string(),
         // A terminal needs its own session in the PID 1 the init hands over to.
         tty: true,
         mounts: vec![Mount {
@@ -138,17 +175,7 @@ async fn a_user_namespaced_pod_maps_root_its_rootfs_and_volumes() {
             host_path: volume.path().display().to_string(),
             ..Default::default()
         }],
-        linux: pc.linux.as_ref().map(|l| LinuxContainerConfig {
-            security_context: Some(LinuxContainerSecurityContext {
-                namespace_options: l
-                    .security_context
-                    .as_ref()
-                    .and_then(|s| s.namespace_options.clone()),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
+        ..app(&busybox, &pc)
     };
     let id = berthd.run_container(&pod, &pc, config).await;
 
@@ -257,7 +284,12 @@ async fn what_cri_forbids_for_user_namespaces_is_invalid() {
     for (name, userns) in refused {
         let err = rt
             .run_pod_sandbox(RunPodSandboxRequest {
-                config: Some(pod_config(name, logs.path(), userns)),
+                config: Some(pod_config(
+                    name,
+                    logs.path(),
+                    userns,
+                    NamespaceMode::Container,
+                )),
                 runtime_handler: String::new(),
             })
             .await
@@ -271,4 +303,49 @@ async fn what_cri_forbids_for_user_namespaces_is_invalid() {
         .into_inner()
         .items;
     assert!(pods.is_empty(), "nothing half-made: {pods:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_pid_namespace_has_a_jailed_infra_owned_by_the_user_namespace() {
+    let (_registry, berthd, busybox) = node().await;
+    let mut rt = berthd.runtime().await;
+    let logs = tempfile::tempdir().expect("log dir");
+    let pc = pod_config(
+        "shared",
+        logs.path(),
+        user_namespace(vec![mapping(0)]),
+        NamespaceMode::Pod,
+    );
+    let pod = run_pod(&mut rt, &pc).await;
+    let id = berthd.run_container(&pod, &pc, app(&busybox, &pc)).await;
+    // The container's /proc mounted: the pod's PID namespace is owned by
+    // its user namespace. PID 1 is berth's infra, as the pod's root with no
+    // capability, and its root (an empty directory) is closed to the pod.
+    assert_eq!(exec(&mut rt, &id, "cat /proc/1/comm").await, "berthd");
+    let status = exec(&mut rt, &id, "grep -E '^(Uid|CapEff)' /proc/1/status").await;
+    let fields: Vec<Vec<&str>> = status
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            vec!["Uid:", "0", "0", "0", "0"],
+            vec!["CapEff:", "0000000000000000"]
+        ]
+    );
+    assert_eq!(
+        exec(
+            &mut rt,
+            &id,
+            "ls /proc/1/root/ >/dev/null 2>&1 || echo closed"
+        )
+        .await,
+        "closed"
+    );
+    rt.remove_pod_sandbox(RemovePodSandboxRequest {
+        pod_sandbox_id: pod,
+    })
+    .await
+    .expect("RemovePodSandbox");
 }

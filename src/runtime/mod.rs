@@ -466,12 +466,15 @@ impl Runtime {
         self.cgroups.create(&pod.cgroup)?;
         if pod.config.namespaces.pid == NamespaceMode::Pod {
             let procs = self.cgroups.procs_files(&pod.cgroup)?;
-            let userns = pod.user_namespace.map(|_| paths.ns.join("user"));
+            let jail = pod.user_namespace.map(|_| infra::Jail {
+                userns: paths.ns.join("user"),
+                root: paths.infra_root(),
+            });
             pod.infra_pid = Some(infra::start(
                 &self.exe,
                 &procs,
                 &paths.ns.join("pid"),
-                userns.as_deref(),
+                jail.as_ref(),
             )?);
         }
         store::write_json(&paths.record(), pod, Durability::Crash)?;
@@ -1219,8 +1222,8 @@ fn host_path(given: &str) -> Result<String, RuntimeError> {
 }
 
 /// The hidden `berthd pod-infra` mode.
-pub fn run_pod_infra() -> i32 {
-    infra::run()
+pub fn run_pod_infra(root: Option<&Path>) -> i32 {
+    infra::run(root)
 }
 
 fn container_name_key(record: &ContainerRecord) -> String {

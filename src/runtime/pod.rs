@@ -191,6 +191,11 @@ impl PodPaths {
     pub fn shm(&self) -> PathBuf {
         self.dir.join("shm")
     }
+
+    /// The empty root of the infra process of a pod with a user namespace.
+    pub fn infra_root(&self) -> PathBuf {
+        self.dir.join("infra-root")
+    }
 }
 
 #[cfg(test)]
