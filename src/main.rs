@@ -54,6 +54,15 @@ enum Command {
         /// whose process it is should berthd lose the record.
         #[arg(long)]
         pin: Option<PathBuf>,
+        /// An empty directory to chroot into (pods with a user namespace)
+        #[arg(long)]
+        root: Option<PathBuf>,
+    },
+    /// Makes a pod's user namespace and the namespaces it owns (berthd starts it)
+    #[command(hide = true)]
+    PodUserns {
+        #[arg(long)]
+        setup: String,
     },
     /// Runs a command inside a container (ExecSync), started by berthd
     #[command(hide = true)]
@@ -139,7 +148,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         // Both run before any thread exists: they fork and setns.
         Some(Command::Monitor { bundle }) => return Ok(berth::monitor::run(bundle)?),
-        Some(Command::PodInfra { .. }) => std::process::exit(berth::runtime::run_pod_infra()),
+        Some(Command::PodInfra { root, .. }) => {
+            std::process::exit(berth::runtime::run_pod_infra(root.as_deref()))
+        }
+        Some(Command::PodUserns { setup }) => {
+            std::process::exit(berth::runtime::namespace::run_userns_helper(setup))
+        }
         Some(Command::ExecIn {
             bundle,
             init_pid,

@@ -900,7 +900,10 @@ fn dual_stack_pods_reach_each_other_and_host_ports_over_ipv6() {
     eprintln!("dual-stack set_up with host ports: {:?}", started.elapsed());
     let started = Instant::now();
     let b_status = t.net.set_up(&b).expect("set up b");
-    eprintln!("dual-stack set_up without host ports: {:?}", started.elapsed());
+    eprintln!(
+        "dual-stack set_up without host ports: {:?}",
+        started.elapsed()
+    );
     let (a4, a6, b6) = (ipv4(&a_status), ipv6(&a_status), ipv6(&b_status));
     assert!(subnet6.contains(&a6) && subnet6.contains(&b6), "{a6} {b6}");
     assert_ne!(a6, b6);

@@ -12,7 +12,8 @@ use crate::runtime::container::{
     self, ContainerConfig, ContainerState, Device, GroupsPolicy, Propagation, SeccompChoice,
 };
 use crate::runtime::pod::{
-    DnsConfig, NamespaceMode, NamespaceOptions, PodConfig, PodRecord, PodState, PortMapping,
+    DnsConfig, IdMapping, NamespaceMode, NamespaceOptions, PodConfig, PodRecord, PodState,
+    PortMapping, UserNamespaceOptions,
 };
 use crate::runtime::resources::Resources;
 use crate::runtime::{ContainerView, RuntimeError};
@@ -83,6 +84,40 @@ fn cri_namespace_mode(mode: NamespaceMode) -> i32 {
     }) as i32
 }
 
+fn user_namespace(userns: cri::UserNamespace) -> UserNamespaceOptions {
+    let mappings = |list: Vec<cri::IdMapping>| {
+        list.into_iter()
+            .map(|m| IdMapping {
+                container_id: m.container_id,
+                host_id: m.host_id,
+                length: m.length,
+            })
+            .collect()
+    };
+    UserNamespaceOptions {
+        mode: namespace_mode(userns.mode),
+        uids: mappings(userns.uids),
+        gids: mappings(userns.gids),
+    }
+}
+
+fn cri_user_namespace(userns: &UserNamespaceOptions) -> cri::UserNamespace {
+    let mappings = |list: &[IdMapping]| {
+        list.iter()
+            .map(|m| cri::IdMapping {
+                container_id: m.container_id,
+                host_id: m.host_id,
+                length: m.length,
+            })
+            .collect()
+    };
+    cri::UserNamespace {
+        mode: cri_namespace_mode(userns.mode),
+        uids: mappings(&userns.uids),
+        gids: mappings(&userns.gids),
+    }
+}
+
 pub fn pod_config(
     config: Option<cri::PodSandboxConfig>,
     runtime_handler: String,
@@ -130,6 +165,7 @@ pub fn pod_config(
             pid: namespace_mode(ns.pid),
             ipc: namespace_mode(ns.ipc),
             target_id: ns.target_id,
+            user: ns.userns_options.map(user_namespace),
         },
         runtime_handler,
         privileged: pod_security.privileged,
@@ -196,7 +232,7 @@ pub fn pod_status(pod: &PodRecord) -> cri::PodSandboxStatus {
                     pid: cri_namespace_mode(ns.pid),
                     ipc: cri_namespace_mode(ns.ipc),
                     target_id: ns.target_id.clone(),
-                    userns_options: None,
+                    userns_options: ns.user.as_ref().map(cri_user_namespace),
                 }),
             }),
         }),

@@ -206,6 +206,12 @@ struct CapData {
     inheritable: u32,
 }
 
+/// Drops every capability of the calling process (effective, permitted,
+/// inheritable); the bounding set no longer matters then.
+pub(crate) fn drop_all() -> Result<(), StepError> {
+    capset(0, 0, 0)
+}
+
 fn capset(effective: u64, permitted: u64, inheritable: u64) -> Result<(), StepError> {
     let mut header = CapHeader {
         version: LINUX_CAPABILITY_VERSION_3,

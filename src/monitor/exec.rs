@@ -34,8 +34,10 @@ pub(crate) const EXIT_SETUP: i32 = 125;
 pub(crate) const EXIT_CANNOT_EXEC: i32 = 126;
 pub(crate) const EXIT_NOT_FOUND: i32 = 127;
 
-/// Namespaces joined, in order: mount last, since it changes what paths mean.
-const NAMESPACES: [(&str, CloneFlags); 6] = [
+/// Namespaces joined, in order: user first, since it owns the others; mount
+/// last, since it changes what paths mean.
+const NAMESPACES: [(&str, CloneFlags); 7] = [
+    ("user", CloneFlags::CLONE_NEWUSER),
     ("ipc", CloneFlags::CLONE_NEWIPC),
     ("uts", CloneFlags::CLONE_NEWUTS),
     ("net", CloneFlags::CLONE_NEWNET),
@@ -121,8 +123,16 @@ fn run(
         std::fs::write(procs, me.to_string())
             .step(|| format!("join cgroup {}", procs.display()))?;
     }
+    // Host root still (the command inherits them): in a user namespace
+    // raising a hard limit is refused, and /proc/self/oom_score_adj belongs
+    // to an unmapped root.
+    process::set_rlimits(&process)?;
+    process::set_oom_score_adj(process.oom_score_adj())?;
     for (file, flag, path) in &namespaces {
         setns(file.as_fd(), *flag).step(|| format!("join {path}"))?;
+        if *flag == CloneFlags::CLONE_NEWUSER {
+            process::become_userns_root()?;
+        }
     }
     // A parent outside the child's pid namespace shows as pid 0 to it.
     let joined_pid_ns = namespaces
@@ -183,8 +193,6 @@ fn exec_child(
             return Err(StepError::msg("exec-in", "parent exited"));
         }
         process::unblock_signals()?;
-        process::set_rlimits(process)?;
-        process::set_oom_score_adj(process.oom_score_adj())?;
         process::set_no_new_privs(process)?;
         let seccomp_last = process.no_new_privileges() == Some(true);
         if !seccomp_last {

@@ -14,8 +14,9 @@ use std::path::{Path, PathBuf};
 use nix::fcntl::OFlag;
 use nix::pty::{grantpt, posix_openpt, ptsname_r, unlockpt};
 use nix::sched::{CloneFlags, setns, unshare};
+use nix::sys::signal::{Signal, kill};
 use nix::sys::stat::{Mode, umask};
-use nix::unistd::{dup2_stderr, dup2_stdin, dup2_stdout, setsid};
+use nix::unistd::{ForkResult, dup2_stderr, dup2_stdin, dup2_stdout, fork, setsid};
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
 use super::sync::{FromInit, FromMonitor, SyncSocket};
@@ -89,9 +90,22 @@ fn create_and_exec(
     // While the bundle is still in sight: berth's bundle holds the rootfs.
     let compiled = spec.root().as_ref().and_then(|r| r.path().parent());
     let seccomp = seccomp_program(spec, compiled)?;
-    let owns_uts = enter_namespaces(spec)?;
+    // Host root still: in a user namespace raising a hard limit is refused,
+    // and /proc/self/oom_score_adj belongs to an unmapped root.
+    process::set_rlimits(process)?;
+    process::set_oom_score_adj(process.oom_score_adj())?;
+    let userns = user_namespace(spec)?;
+    let idmapped = match &userns {
+        Some(ns) => rootfs::idmapped_sources(spec, ns.as_fd())?,
+        None => Vec::new(),
+    };
+    let in_userns = userns.is_some();
+    let owns_uts = enter_namespaces(spec, userns)?;
+    if in_userns && pid_namespace(spec) == Some(None) {
+        become_pid1(sync)?;
+    }
     let root = rootfs::root_path(spec)?;
-    rootfs::prepare(spec, &root, &super::cgroup_dirs(config))?;
+    rootfs::prepare(spec, &root, &super::cgroup_dirs(config), idmapped)?;
     rootfs::pivot(&root)?;
     if tty {
         open_terminal(sync)?;
@@ -103,8 +117,6 @@ fn create_and_exec(
     rootfs::write_sysctls(spec)?;
     rootfs::readonly_paths(spec)?;
     rootfs::masked_paths(spec)?;
-    process::set_rlimits(process)?;
-    process::set_oom_score_adj(process.oom_score_adj())?;
     process::set_no_new_privs(process)?;
     let seccomp_last = process.no_new_privileges() == Some(true);
     if !seccomp_last {
@@ -159,11 +171,42 @@ fn pid_namespace(spec: &Spec) -> Option<Option<PathBuf>> {
         .map(|ns| ns.path().clone())
 }
 
+/// The user namespace the spec joins, by path: berth's pods pin theirs.
+fn user_namespace_path(spec: &Spec) -> Result<Option<PathBuf>, StepError> {
+    let namespaces = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_deref())
+        .unwrap_or_default();
+    match namespaces
+        .iter()
+        .find(|ns| ns.typ() == LinuxNamespaceType::User)
+    {
+        None => Ok(None),
+        Some(ns) => match ns.path() {
+            Some(path) => Ok(Some(path.clone())),
+            None => Err(StepError::msg(
+                "spec namespaces",
+                "a new user namespace per container is not supported; join the pod's by path",
+            )),
+        },
+    }
+}
+
+/// The spec's user namespace, opened.
+fn user_namespace(spec: &Spec) -> Result<Option<File>, StepError> {
+    user_namespace_path(spec)?
+        .map(|path| File::open(&path).step(|| format!("open user namespace {}", path.display())))
+        .transpose()
+}
+
 /// Run by the monitor right before it forks the init: the child is born in
 /// the container's pid namespace (as its PID 1 when the namespace is new).
 pub(crate) fn enter_pid_namespace(spec: &Spec) -> Result<(), StepError> {
     match pid_namespace(spec) {
         None => Ok(()),
+        // Made by the init inside the user namespace: see [`become_pid1`].
+        Some(None) if user_namespace_path(spec)?.is_some() => Ok(()),
         Some(None) => unshare(CloneFlags::CLONE_NEWPID).step(|| "unshare the pid namespace".into()),
         Some(Some(path)) => {
             let file =
@@ -174,10 +217,39 @@ pub(crate) fn enter_pid_namespace(spec: &Spec) -> Result<(), StepError> {
     }
 }
 
-/// Joins the namespaces the spec names by path, then unshares the new ones
-/// (always a new mount namespace). Returns whether the UTS namespace is the
-/// container's own (then its hostname is set).
-fn enter_namespaces(spec: &Spec) -> Result<bool, StepError> {
+/// A new pid namespace for a container in a user namespace must be made
+/// inside it (else its /proc cannot be mounted), so by the init, not by the
+/// host-root monitor: the init unshares it and forks its PID 1, which goes
+/// on as the init; this process reports the new pid and exits, and the
+/// monitor, a subreaper, inherits the new init.
+fn become_pid1(sync: &SyncSocket) -> Result<(), Failure> {
+    unshare(CloneFlags::CLONE_NEWPID).step(|| "unshare the pid namespace".into())?;
+    // SAFETY: the init has a single thread; the child goes on with the setup.
+    match unsafe { fork() }.step(|| "fork the container's PID 1".into())? {
+        // Its own session, as the first init had: a terminal needs that.
+        ForkResult::Child => Ok(setsid().map(drop).step(|| "setsid".into())?),
+        ForkResult::Parent { child } => {
+            let code = match sync.send_to_monitor(&FromInit::Pid(child.as_raw())) {
+                Ok(()) => 0,
+                Err(_) => {
+                    let _ = kill(child, Signal::SIGKILL);
+                    1
+                }
+            };
+            std::process::exit(code)
+        }
+    }
+}
+
+/// Joins the user namespace (`userns`, first: it owns the others) and
+/// becomes its root, joins the namespaces the spec names by path, then
+/// unshares the new ones (always a new mount namespace). Returns whether the
+/// UTS namespace is the container's own (then its hostname is set).
+fn enter_namespaces(spec: &Spec, userns: Option<File>) -> Result<bool, StepError> {
+    if let Some(ns) = userns {
+        setns(ns.as_fd(), CloneFlags::CLONE_NEWUSER).step(|| "join the user namespace".into())?;
+        process::become_userns_root()?;
+    }
     let namespaces = spec
         .linux()
         .as_ref()
@@ -189,8 +261,8 @@ fn enter_namespaces(spec: &Spec) -> Result<bool, StepError> {
     for ns in namespaces {
         let typ = ns.typ();
         match (typ, ns.path()) {
-            // The monitor placed us already.
-            (LinuxNamespaceType::Pid, _) => {}
+            // The monitor placed us already; the user namespace is joined.
+            (LinuxNamespaceType::Pid, _) | (LinuxNamespaceType::User, Some(_)) => {}
             (LinuxNamespaceType::User | LinuxNamespaceType::Time, _) => {
                 return Err(StepError::msg(
                     "spec namespaces",

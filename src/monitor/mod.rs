@@ -9,7 +9,7 @@
 //! writes (`status.json`, `monitor.sock`, `monitor.log`).
 
 mod attach;
-mod caps;
+pub(crate) mod caps;
 pub mod client;
 mod exec;
 mod exec_frame;

@@ -137,6 +137,17 @@ pub(crate) fn set_identity(process: &Process) -> Result<(), StepError> {
     Ok(())
 }
 
+/// Right after joining a user namespace: become its root (the host id its
+/// container id 0 maps to), keeping every capability in it. An unmapped host
+/// root could create no file where the pod's ids apply.
+pub(crate) fn become_userns_root() -> Result<(), StepError> {
+    setgroups(&[]).step(|| "setgroups in the user namespace".into())?;
+    let root = Gid::from_raw(0);
+    setresgid(root, root, root).step(|| "setgid 0 in the user namespace".into())?;
+    let root = Uid::from_raw(0);
+    setresuid(root, root, root).step(|| "setuid 0 in the user namespace".into())
+}
+
 pub(crate) fn set_no_new_privs(process: &Process) -> Result<(), StepError> {
     if process.no_new_privileges() == Some(true) {
         nix::sys::prctl::set_no_new_privs().step(|| "set no_new_privs".into())?;

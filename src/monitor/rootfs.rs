@@ -6,6 +6,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, OpenOptions};
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::fs::{OpenOptionsExt, symlink};
 use std::path::{Component, Path, PathBuf};
 
@@ -30,6 +31,8 @@ pub(crate) struct MountOptions {
     pub(crate) data: String,
     /// `rro`: read-only through every submount (mount_setattr, AT_RECURSIVE).
     pub(crate) recursive_readonly: bool,
+    /// `idmap`: owners seen through the container's user namespace.
+    pub(crate) idmap: bool,
 }
 
 impl MountOptions {
@@ -46,6 +49,7 @@ pub(crate) fn parse_options(options: &[String]) -> MountOptions {
         propagation: Vec::new(),
         data: String::new(),
         recursive_readonly: false,
+        idmap: false,
     };
     let mut data = Vec::new();
     for option in options {
@@ -78,7 +82,11 @@ pub(crate) fn parse_options(options: &[String]) -> MountOptions {
             "acl" => (false, MsFlags::MS_POSIXACL),
             "noacl" => (true, MsFlags::MS_POSIXACL),
             // runc extensions without a kernel flag that berth does not do.
-            "tmpcopyup" | "idmap" | "ridmap" => continue,
+            "tmpcopyup" | "ridmap" => continue,
+            "idmap" => {
+                out.idmap = true;
+                continue;
+            }
             "rro" => {
                 out.recursive_readonly = true;
                 continue;
@@ -255,8 +263,37 @@ pub(crate) fn root_path(spec: &Spec) -> Result<PathBuf, StepError> {
     fs::canonicalize(root.path()).step(|| format!("root {}", root.path().display()))
 }
 
+/// Id-mapped copies of the spec's `idmap` bind sources, by mount index,
+/// mapped through `userns`. Cut while the init is still host root in the
+/// host's mounts: only that may id-map a host filesystem.
+pub(crate) fn idmapped_sources(
+    spec: &Spec,
+    userns: BorrowedFd<'_>,
+) -> Result<Vec<Option<OwnedFd>>, StepError> {
+    let mounts = spec.mounts().as_deref().unwrap_or_default();
+    mounts
+        .iter()
+        .map(|m| {
+            let options = parse_options(m.options().as_deref().unwrap_or_default());
+            let (true, Some(source)) = (options.idmap, m.source()) else {
+                return Ok(None);
+            };
+            let recursive = options.flags.contains(MsFlags::MS_REC);
+            crate::runtime::userns::idmapped_tree(source, recursive, userns)
+                .map(Some)
+                .step(|| format!("id-map {}", source.display()))
+        })
+        .collect()
+}
+
 /// Everything before pivot_root, in the init's new mount namespace.
-pub(crate) fn prepare(spec: &Spec, root: &Path, cgroup_dirs: &[PathBuf]) -> Result<(), StepError> {
+/// `idmapped` holds [`idmapped_sources`] (none without a user namespace).
+pub(crate) fn prepare(
+    spec: &Spec,
+    root: &Path,
+    cgroup_dirs: &[PathBuf],
+    mut idmapped: Vec<Option<OwnedFd>>,
+) -> Result<(), StepError> {
     // Nothing mounted from here on may reach the host.
     let flags = root_propagation(spec)?.unwrap_or(MsFlags::MS_SLAVE | MsFlags::MS_REC);
     mount_at(None, Path::new("/"), None, flags, None)?;
@@ -270,8 +307,9 @@ pub(crate) fn prepare(spec: &Spec, root: &Path, cgroup_dirs: &[PathBuf]) -> Resu
         None,
     )?;
     let mounts = spec.mounts().as_deref().unwrap_or_default();
-    for m in mounts {
-        mount_entry(root, m, cgroup_dirs)?;
+    idmapped.resize_with(mounts.len(), || None);
+    for (m, tree) in mounts.iter().zip(idmapped) {
+        mount_entry(root, m, cgroup_dirs, tree)?;
     }
     if dev_needs_setup(mounts) {
         let devices = spec
@@ -352,7 +390,12 @@ fn unescape_mountinfo(field: &str) -> PathBuf {
     PathBuf::from(OsString::from_vec(out))
 }
 
-fn mount_entry(root: &Path, m: &Mount, cgroup_dirs: &[PathBuf]) -> Result<(), StepError> {
+fn mount_entry(
+    root: &Path,
+    m: &Mount,
+    cgroup_dirs: &[PathBuf],
+    idmapped: Option<OwnedFd>,
+) -> Result<(), StepError> {
     let destination = m.destination();
     if !destination.is_absolute() {
         return Err(StepError::msg(
@@ -364,7 +407,7 @@ fn mount_entry(root: &Path, m: &Mount, cgroup_dirs: &[PathBuf]) -> Result<(), St
     let typ = m.typ().as_deref().unwrap_or("");
     let dest = resolve_in_root(root, destination)?;
     if typ == "bind" || options.is_bind() {
-        bind_mount(m, &dest, &options)?;
+        bind_mount(m, &dest, &options, idmapped)?;
     } else if typ == "cgroup" || typ == "cgroup2" {
         mount_cgroup(&dest, &options, cgroup_dirs)?;
     } else {
@@ -387,7 +430,12 @@ fn mount_entry(root: &Path, m: &Mount, cgroup_dirs: &[PathBuf]) -> Result<(), St
     Ok(())
 }
 
-fn bind_mount(m: &Mount, dest: &Path, options: &MountOptions) -> Result<(), StepError> {
+fn bind_mount(
+    m: &Mount,
+    dest: &Path,
+    options: &MountOptions,
+    idmapped: Option<OwnedFd>,
+) -> Result<(), StepError> {
     let source = m.source().as_ref().ok_or_else(|| {
         StepError::msg(
             format!("bind mount on {}", m.destination().display()),
@@ -400,13 +448,23 @@ fn bind_mount(m: &Mount, dest: &Path, options: &MountOptions) -> Result<(), Step
     } else {
         create_file(dest)?;
     }
-    mount_at(
-        Some(source.as_os_str()),
-        dest,
-        None,
-        options.flags & (MsFlags::MS_BIND | MsFlags::MS_REC),
-        None,
-    )?;
+    match (idmapped, options.idmap) {
+        (Some(tree), _) => crate::runtime::userns::attach(&tree, dest)
+            .step(|| format!("mount id-mapped {} on {}", source.display(), dest.display()))?,
+        (None, true) => {
+            return Err(StepError::msg(
+                format!("bind mount on {}", m.destination().display()),
+                "idmap needs the container's user namespace",
+            ));
+        }
+        (None, false) => mount_at(
+            Some(source.as_os_str()),
+            dest,
+            None,
+            options.flags & (MsFlags::MS_BIND | MsFlags::MS_REC),
+            None,
+        )?,
+    }
     let extra = remount_flags(options.flags);
     if !extra.is_empty() {
         let flags = extra | kept_flags(dest)? | MsFlags::MS_BIND | MsFlags::MS_REMOUNT;

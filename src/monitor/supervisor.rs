@@ -872,13 +872,13 @@ fn spawn(spec: &Spec, config: &MonitorConfig) -> Result<Spawned, StepError> {
         ))
     };
     let pipe = || pipe2(OFlag::O_CLOEXEC).step(|| "pipe".into());
-    let (child, stdin, stdout, stderr) = if config.tty {
-        let child = InitStdio {
+    let (child_stdio, stdin, stdout, stderr) = if config.tty {
+        let child_stdio = InitStdio {
             stdin: null()?,
             stdout: null()?,
             stderr: null()?,
         };
-        (child, None, None, None)
+        (child_stdio, None, None, None)
     } else {
         let (stdin_child, stdin_parent) = if config.stdin {
             let (r, w) = pipe()?;
@@ -888,12 +888,12 @@ fn spawn(spec: &Spec, config: &MonitorConfig) -> Result<Spawned, StepError> {
         };
         let (out_r, out_w) = pipe()?;
         let (err_r, err_w) = pipe()?;
-        let child = InitStdio {
+        let child_stdio = InitStdio {
             stdin: stdin_child,
             stdout: out_w,
             stderr: err_w,
         };
-        (child, stdin_parent, Some(out_r), Some(err_r))
+        (child_stdio, stdin_parent, Some(out_r), Some(err_r))
     };
     init::enter_pid_namespace(spec)?;
     // SAFETY: the monitor has a single thread; the child runs the init steps
@@ -902,22 +902,29 @@ fn spawn(spec: &Spec, config: &MonitorConfig) -> Result<Spawned, StepError> {
         ForkResult::Child => {
             drop(monitor_end);
             drop((stdin, stdout, stderr));
-            init::run(spec, config, init_end, child)
+            init::run(spec, config, init_end, child_stdio)
         }
-        ForkResult::Parent { child: pid } => {
+        ForkResult::Parent { child } => {
             drop(init_end);
-            drop(child);
-            let created = join_cgroups(config, pid)
+            drop(child_stdio);
+            let mut pid = child;
+            let created = join_cgroups(config, child)
                 .and_then(|()| monitor_end.send_to_init(FromMonitor::Proceed))
-                .and_then(|()| wait_created(&monitor_end));
+                .and_then(|()| wait_created(&monitor_end, &mut pid));
             let pty = match created {
                 Ok(pty) => pty,
                 Err(e) => {
-                    let _ = kill(pid, Signal::SIGKILL);
-                    let _ = waitpid(pid, None);
+                    for p in [pid, child] {
+                        let _ = kill(p, Signal::SIGKILL);
+                        let _ = waitpid(p, None);
+                    }
                     return Err(e);
                 }
             };
+            if pid != child {
+                // The first init handed over and exits now.
+                let _ = waitpid(child, None);
+            }
             let (stdin, stdout) = match pty {
                 Some(master) => {
                     let input = master.try_clone().step(|| "dup the pty master".into())?;
@@ -947,12 +954,15 @@ fn join_cgroups(config: &MonitorConfig, pid: Pid) -> Result<(), StepError> {
     Ok(())
 }
 
-/// Waits for Ready; returns the pty master if the init made one.
-fn wait_created(sync: &SyncSocket) -> Result<Option<OwnedFd>, StepError> {
+/// Waits for Ready; returns the pty master if the init made one. `init`
+/// follows the init when it hands over to a PID 1 it forked (then the
+/// monitor, a subreaper, inherits that one).
+fn wait_created(sync: &SyncSocket, init: &mut Pid) -> Result<Option<OwnedFd>, StepError> {
     let mut pty = None;
     loop {
         match sync.recv_from_init()? {
             Some(FromInit::Pty(fd)) => pty = Some(fd),
+            Some(FromInit::Pid(pid)) => *init = Pid::from_raw(pid),
             Some(FromInit::Ready) => return Ok(pty),
             Some(FromInit::SetupError(text)) => {
                 return Err(StepError::msg("container init", text));

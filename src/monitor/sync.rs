@@ -27,6 +27,9 @@ pub(crate) enum FromInit {
     SetupError(String),
     /// Exec failed after Start; the init exits.
     ExecError(String),
+    /// The init forked its successor, PID 1 of a pid namespace it made,
+    /// with this pid (in the monitor's namespace), and exits.
+    Pid(i32),
 }
 
 /// What the monitor tells the init.
@@ -42,6 +45,7 @@ const PTY: u8 = 1;
 const READY: u8 = 2;
 const SETUP_ERROR: u8 = 3;
 const EXEC_ERROR: u8 = 4;
+const PID: u8 = 5;
 const PROCEED: u8 = 10;
 const START: u8 = 11;
 
@@ -82,6 +86,7 @@ impl SyncSocket {
             FromInit::Ready => self.send(READY, &[], None),
             FromInit::SetupError(text) => self.send(SETUP_ERROR, text.as_bytes(), None),
             FromInit::ExecError(text) => self.send(EXEC_ERROR, text.as_bytes(), None),
+            FromInit::Pid(pid) => self.send(PID, pid.to_string().as_bytes(), None),
         }
     }
 
@@ -110,6 +115,15 @@ impl SyncSocket {
             (READY, _) => Ok(Some(FromInit::Ready)),
             (SETUP_ERROR, _) => Ok(Some(FromInit::SetupError(text))),
             (EXEC_ERROR, _) => Ok(Some(FromInit::ExecError(text))),
+            (PID, _) => text
+                .parse()
+                .map(|pid| Some(FromInit::Pid(pid)))
+                .map_err(|_| {
+                    StepError::msg(
+                        "message from the container init",
+                        format!("bad pid {text:?}"),
+                    )
+                }),
             (tag, _) => Err(StepError::msg(
                 "message from the container init",
                 format!("unknown tag {tag}"),
@@ -205,6 +219,12 @@ mod tests {
         assert_eq!(&buf, b"hi");
         match monitor.recv_from_init().expect("recv") {
             Some(FromInit::ExecError(text)) => assert_eq!(text, "exec: \"x\": not found"),
+            other => panic!("unexpected {other:?}"),
+        }
+        init.send_to_monitor(&FromInit::Pid(4242))
+            .expect("send pid");
+        match monitor.recv_from_init().expect("recv") {
+            Some(FromInit::Pid(pid)) => assert_eq!(pid, 4242),
             other => panic!("unexpected {other:?}"),
         }
         drop(init);

@@ -22,7 +22,7 @@ pub fn handlers(config: &[RuntimeHandlerConfig]) -> Vec<RuntimeHandler> {
             name: h.name.clone(),
             features: HandlerFeatures {
                 recursive_read_only_mounts: true,
-                user_namespaces: false,
+                user_namespaces: true,
             },
         })
         .collect()

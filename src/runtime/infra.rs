@@ -5,6 +5,12 @@
 //! `berthd pod-infra` runs with CLONE_NEWPID unshared by its launcher, so its
 //! first child is PID 1 of the new namespace; it prints that child's pid and
 //! exits, and the child is reparented away from berthd.
+//!
+//! In a pod with its own user namespace the infra runs as that namespace's
+//! root (never as host root, which owns the host's files), chrooted into an
+//! empty directory with no capabilities: the pod's containers share its PID
+//! namespace and could otherwise reach the host's "/" through its
+//! /proc/PID/root.
 
 use std::io::Write;
 use std::os::unix::process::CommandExt;
@@ -19,7 +25,19 @@ use nix::unistd::{ForkResult, Pid, fork, setsid};
 use super::RuntimeError;
 
 /// The hidden subcommand: fork PID 1 of the new namespace, print its pid.
-pub fn run() -> i32 {
+/// With `root`, first chroot there and drop every capability.
+pub fn run(root: Option<&Path>) -> i32 {
+    // Opened before a chroot hides it.
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null");
+    if let Some(root) = root
+        && let Err(e) = jail(root)
+    {
+        eprintln!("berthd pod-infra: {e}");
+        return 1;
+    }
     // SAFETY: this process is single-threaded (no async runtime exists yet),
     // so the child may run any code after fork.
     match unsafe { fork() } {
@@ -29,7 +47,7 @@ pub fn run() -> i32 {
             let _ = out.flush();
             0
         }
-        Ok(ForkResult::Child) => pid1(),
+        Ok(ForkResult::Child) => pid1(null.ok()),
         Err(e) => {
             eprintln!("berthd pod-infra: fork: {e}");
             1
@@ -37,15 +55,19 @@ pub fn run() -> i32 {
     }
 }
 
+fn jail(root: &Path) -> Result<(), String> {
+    nix::unistd::chroot(root).map_err(|e| format!("chroot {}: {e}", root.display()))?;
+    nix::unistd::chdir("/").map_err(|e| format!("chdir /: {e}"))?;
+    // Not even the pod's root may trace it without CAP_SYS_PTRACE.
+    nix::sys::prctl::set_dumpable(false).map_err(|e| format!("set non-dumpable: {e}"))?;
+    crate::monitor::caps::drop_all().map_err(|e| e.to_string())
+}
+
 /// PID 1 of the pod: no stdio, own session, reap every child, exit on
 /// SIGTERM or SIGINT (SIGKILL needs no handling).
-fn pid1() -> ! {
+fn pid1(null: Option<std::fs::File>) -> ! {
     // Let go of the launcher's pipes: it reads stdout until every copy closes.
-    if let Ok(null) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/null")
-    {
+    if let Some(null) = null {
         let _ = nix::unistd::dup2_stdin(&null);
         let _ = nix::unistd::dup2_stdout(&null);
         let _ = nix::unistd::dup2_stderr(&null);
@@ -72,9 +94,25 @@ fn pid1() -> ! {
     }
 }
 
+/// Where the infra of a pod with its own user namespace lives.
+pub struct Jail {
+    /// The pod's pinned user namespace.
+    pub userns: PathBuf,
+    /// An empty directory for its root, made here, removed with the pod's.
+    pub root: PathBuf,
+}
+
 /// Starts the infra process of a pod in the pod's cgroups and pins its PID
-/// namespace at `pin`. Returns its pid.
-pub fn start(exe: &Path, cgroup_procs: &[PathBuf], pin: &Path) -> Result<i32, RuntimeError> {
+/// namespace at `pin`. With a `jail`, the infra joins the
+/// pod's user namespace as its root before the PID namespace is made, so
+/// that the user namespace owns it (the pod's containers can mount their
+/// /proc only then), and jails itself. Returns its pid.
+pub fn start(
+    exe: &Path,
+    cgroup_procs: &[PathBuf],
+    pin: &Path,
+    jail: Option<&Jail>,
+) -> Result<i32, RuntimeError> {
     let io = |what: &str| {
         let what = what.to_string();
         move |source| RuntimeError::Io { what, source }
@@ -94,13 +132,30 @@ pub fn start(exe: &Path, cgroup_procs: &[PathBuf], pin: &Path) -> Result<i32, Ru
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: write and unshare are async-signal-safe and allocate nothing;
-    // "0" moves the writing process; the new PID namespace is only the one
-    // this child's own children are born into.
+    let userns = match jail {
+        Some(jail) => {
+            std::fs::create_dir_all(&jail.root).map_err(io("create the infra's root"))?;
+            command.arg("--root").arg(&jail.root);
+            Some(std::fs::File::open(&jail.userns).map_err(io("open the pod's user namespace"))?)
+        }
+        None => None,
+    };
+    // SAFETY: write, setns, setgroups, setres[ug]id and unshare are plain
+    // syscalls that allocate nothing; the forked child is single-threaded, as
+    // joining a user namespace needs. "0" moves the writing process, before
+    // it becomes the user namespace's root, which may not write there.
     unsafe {
         command.pre_exec(move || {
             for f in &procs {
                 nix::unistd::write(f, b"0").map_err(std::io::Error::from)?;
+            }
+            if let Some(ns) = &userns {
+                nix::sched::setns(ns, CloneFlags::CLONE_NEWUSER)?;
+                // Its root keeps its capabilities across exec, for the chroot.
+                nix::unistd::setgroups(&[])?;
+                let (uid, gid) = (nix::unistd::Uid::from_raw(0), nix::unistd::Gid::from_raw(0));
+                nix::unistd::setresgid(gid, gid, gid)?;
+                nix::unistd::setresuid(uid, uid, uid)?;
             }
             unshare(CloneFlags::CLONE_NEWPID).map_err(std::io::Error::from)
         });

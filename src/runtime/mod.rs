@@ -19,6 +19,7 @@ pub mod seccomp;
 pub mod spec;
 pub mod stats;
 pub mod user;
+pub mod userns;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -373,6 +374,7 @@ impl Runtime {
             )));
         }
         let kinds = pod_namespace_kinds(&config);
+        let user_namespace = userns::requested(&config.namespaces)?;
         for name in config.sysctls.keys() {
             match namespace::sysctl_namespace(name) {
                 Some(kind) if kinds.contains(&kind) => {}
@@ -415,13 +417,20 @@ impl Runtime {
             ip: None,
             additional_ips: Vec::new(),
             infra_pid: None,
+            user_namespace,
         };
         match self.set_up_pod(&mut record, kinds) {
             Ok(()) => {
+                let userns_host_uid = record.user_namespace.map(|m| m.uids.host_id);
                 self.tables().pods.insert(id.clone(), record);
                 self.emit(&id, &id, EventKind::Created);
                 self.emit(&id, &id, EventKind::Started);
-                tracing::info!(pod = %id, name = %reserved, "pod sandbox running");
+                tracing::info!(
+                    pod = %id,
+                    name = %reserved,
+                    userns_host_uid = ?userns_host_uid,
+                    "pod sandbox running"
+                );
                 Ok(id)
             }
             Err(e) => {
@@ -453,14 +462,15 @@ impl Runtime {
             pod::resolv_conf(pod.config.dns.as_ref()),
         )
         .map_err(io("write resolv.conf"))?;
-        namespace::create_pinned(
-            &paths.ns,
-            NamespaceSetup {
-                kinds,
-                hostname: hostname.clone(),
-                sysctls: pod.config.sysctls.clone(),
-            },
-        )?;
+        let setup = NamespaceSetup {
+            kinds,
+            hostname: hostname.clone(),
+            sysctls: pod.config.sysctls.clone(),
+        };
+        match &pod.user_namespace {
+            Some(map) => namespace::create_pinned_in_userns(&paths.ns, &setup, map, &self.exe)?,
+            None => namespace::create_pinned(&paths.ns, setup)?,
+        }
         let hosts = if pod.config.namespaces.network == NamespaceMode::Node {
             std::fs::read_to_string("/etc/hosts").unwrap_or_default()
         } else {
@@ -486,7 +496,16 @@ impl Runtime {
         }
         if pod.config.namespaces.pid == NamespaceMode::Pod {
             let procs = self.cgroups.procs_files(&pod.cgroup)?;
-            pod.infra_pid = Some(infra::start(&self.exe, &procs, &paths.ns.join("pid"))?);
+            let jail = pod.user_namespace.map(|_| infra::Jail {
+                userns: paths.ns.join("user"),
+                root: paths.infra_root(),
+            });
+            pod.infra_pid = Some(infra::start(
+                &self.exe,
+                &procs,
+                &paths.ns.join("pid"),
+                jail.as_ref(),
+            )?);
         }
         store::write_json(&paths.record(), pod, Durability::Crash)?;
         Ok(())
@@ -499,10 +518,7 @@ impl Runtime {
         if let Some(pid) = pod.infra_pid {
             infra::stop(pid, &paths.ns.join("pid"));
         }
-        namespace::remove_pins(
-            &paths.ns,
-            &[NamespaceKind::Net, NamespaceKind::Ipc, NamespaceKind::Uts],
-        );
+        namespace::remove_pins(&paths.ns, &namespace::ALL_KINDS);
         rootfs::unmount(&paths.shm());
         if pod.owns_cgroup
             && let Err(e) = self.cgroups.remove(&pod.cgroup)
@@ -706,7 +722,15 @@ impl Runtime {
         layers: &[PathBuf],
     ) -> Result<ContainerRecord, RuntimeError> {
         std::fs::create_dir_all(&paths.bundle).map_err(io("create the container bundle"))?;
-        rootfs::mount_overlay(layers, &paths.layer, &paths.rootfs())?;
+        let userns_pin = self.pod_paths(&pod.id).ns.join("user");
+        rootfs::mount_overlay(
+            layers,
+            &paths.layer,
+            &paths.rootfs(),
+            pod.user_namespace
+                .as_ref()
+                .map(|map| (userns_pin.as_path(), map)),
+        )?;
         let rootfs = paths.rootfs();
         let mut user = user::resolve(
             &user::UserRequest {
@@ -778,6 +802,12 @@ impl Runtime {
                 .display()
                 .to_string()
         };
+        if pod.user_namespace.is_some() && config.pid_mode == NamespaceMode::Node {
+            return Err(RuntimeError::InvalidArgument(
+                "a container of a pod with its own user namespace cannot use the node's pid namespace"
+                    .to_string(),
+            ));
+        }
         let pid_namespace = match config.pid_mode {
             NamespaceMode::Pod => Some(self.pod_paths(&pod.id).ns.join("pid")),
             NamespaceMode::Target => {
@@ -1237,8 +1267,8 @@ fn host_path(given: &str) -> Result<String, RuntimeError> {
 }
 
 /// The hidden `berthd pod-infra` mode.
-pub fn run_pod_infra() -> i32 {
-    infra::run()
+pub fn run_pod_infra(root: Option<&Path>) -> i32 {
+    infra::run(root)
 }
 
 fn container_name_key(record: &ContainerRecord) -> String {

@@ -2,14 +2,32 @@
 //! them, sets the hostname, brings loopback up and applies sysctls inside,
 //! then bind-mounts its `/proc/thread-self/ns/*` files onto pin files, which
 //! keep the namespaces alive after the thread is gone.
+//!
+//! A pod with its own user namespace needs a process instead: only a
+//! single-threaded process may unshare a user namespace, and its other
+//! namespaces must be made inside it so that it owns them. berthd starts
+//! `berthd pod-userns` (hidden), writes the new namespace's id maps, lets
+//! it make the rest as the namespace's root, and pins them from `/proc/PID/ns`.
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sched::{CloneFlags, unshare};
+use nix::unistd::{Gid, Uid, setgroups, setresgid, setresuid};
+
+use super::userns::IdMap;
+
+/// What `berthd pod-userns` says once its user namespace exists.
+const UNSHARED: &str = "unshared";
+/// What berthd answers once the id maps are written.
+const MAPPED: &str = "mapped";
+/// What `berthd pod-userns` says once the other namespaces are set up.
+const READY: &str = "ready";
 
 #[derive(Debug, thiserror::Error)]
 pub enum NamespaceError {
@@ -31,6 +49,12 @@ pub enum NamespaceError {
     },
     #[error("namespace thread failed")]
     Thread,
+    #[error("cannot become root of the pod's user namespace: {0}")]
+    Identity(nix::Error),
+    #[error("cannot write the id maps of the pod's user namespace: {0}")]
+    IdMap(std::io::Error),
+    #[error("pod user namespace helper: {0}")]
+    Helper(String),
 }
 
 /// The namespaces a pod can own.
@@ -40,6 +64,7 @@ pub enum NamespaceKind {
     Net,
     Ipc,
     Uts,
+    User,
 }
 
 impl NamespaceKind {
@@ -48,6 +73,7 @@ impl NamespaceKind {
             NamespaceKind::Net => "net",
             NamespaceKind::Ipc => "ipc",
             NamespaceKind::Uts => "uts",
+            NamespaceKind::User => "user",
         }
     }
 
@@ -56,9 +82,19 @@ impl NamespaceKind {
             NamespaceKind::Net => CloneFlags::CLONE_NEWNET,
             NamespaceKind::Ipc => CloneFlags::CLONE_NEWIPC,
             NamespaceKind::Uts => CloneFlags::CLONE_NEWUTS,
+            NamespaceKind::User => CloneFlags::CLONE_NEWUSER,
         }
     }
 }
+
+/// Every kind a pod may have pinned; the user namespace last, since it
+/// owns the others.
+pub const ALL_KINDS: [NamespaceKind; 4] = [
+    NamespaceKind::Net,
+    NamespaceKind::Ipc,
+    NamespaceKind::Uts,
+    NamespaceKind::User,
+];
 
 /// Which sysctls are namespaced, and so may be set per pod; by namespace.
 pub fn sysctl_namespace(name: &str) -> Option<NamespaceKind> {
@@ -83,7 +119,7 @@ pub fn sysctl_namespace(name: &str) -> Option<NamespaceKind> {
 }
 
 /// What to set up in new namespaces.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct NamespaceSetup {
     pub kinds: Vec<NamespaceKind>,
     pub hostname: String,
@@ -114,12 +150,26 @@ pub fn create_pinned(dir: &Path, setup: NamespaceSetup) -> Result<(), NamespaceE
 }
 
 fn set_up_in_thread(dir: &Path, setup: &NamespaceSetup) -> Result<(), NamespaceError> {
-    let flags = setup
-        .kinds
-        .iter()
-        .fold(CloneFlags::empty(), |f, k| f | k.clone_flag());
     // Only this thread moves: namespaces are per task, and the thread ends here.
-    unshare(flags).map_err(NamespaceError::Unshare)?;
+    unshare(clone_flags(&setup.kinds)).map_err(NamespaceError::Unshare)?;
+    configure(setup)?;
+    for kind in &setup.kinds {
+        pin(
+            &format!("/proc/thread-self/ns/{}", kind.name()),
+            &dir.join(kind.name()),
+        )?;
+    }
+    Ok(())
+}
+
+fn clone_flags(kinds: &[NamespaceKind]) -> CloneFlags {
+    kinds
+        .iter()
+        .fold(CloneFlags::empty(), |f, k| f | k.clone_flag())
+}
+
+/// Hostname, loopback and sysctls of the caller's new namespaces.
+fn configure(setup: &NamespaceSetup) -> Result<(), NamespaceError> {
     if setup.kinds.contains(&NamespaceKind::Uts) && !setup.hostname.is_empty() {
         nix::unistd::sethostname(&setup.hostname).map_err(|source| NamespaceError::Hostname {
             hostname: setup.hostname.clone(),
@@ -137,23 +187,171 @@ fn set_up_in_thread(dir: &Path, setup: &NamespaceSetup) -> Result<(), NamespaceE
             message: e.to_string(),
         })?;
     }
-    for kind in &setup.kinds {
-        let pin = dir.join(kind.name());
-        let pin_err = |source| NamespaceError::Pin {
-            path: pin.clone(),
-            source,
-        };
-        fs::File::create(&pin).map_err(pin_err)?;
-        let source = format!("/proc/thread-self/ns/{}", kind.name());
-        mount(
-            Some(source.as_str()),
-            &pin,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .map_err(|e| pin_err(e.into()))?;
+    Ok(())
+}
+
+/// Bind-mounts the namespace file `source` onto a new file at `pin`.
+fn pin(source: &str, pin: &Path) -> Result<(), NamespaceError> {
+    let pin_err = |source| NamespaceError::Pin {
+        path: pin.to_path_buf(),
+        source,
+    };
+    fs::File::create(pin).map_err(pin_err)?;
+    mount(
+        Some(source),
+        pin,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|e| pin_err(e.into()))
+}
+
+/// Creates a user namespace mapped by `map` and, inside it, the namespaces
+/// of `setup`; pins them all (the user namespace as `<dir>/user`). `exe` is
+/// berthd's own executable. On error nothing stays pinned.
+pub fn create_pinned_in_userns(
+    dir: &Path,
+    setup: &NamespaceSetup,
+    map: &IdMap,
+    exe: &Path,
+) -> Result<(), NamespaceError> {
+    fs::create_dir_all(dir).map_err(|source| NamespaceError::Pin {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let setup_json =
+        serde_json::to_string(setup).map_err(|e| NamespaceError::Helper(e.to_string()))?;
+    let mut child = Command::new(exe)
+        .args(["pod-userns", "--setup", &setup_json])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| NamespaceError::Helper(format!("start {}: {e}", exe.display())))?;
+    let result = drive_helper(&mut child, dir, setup, map);
+    if result.is_err() {
+        let _ = child.kill();
     }
+    // Its stdin closed, the helper exits: the pins hold the namespaces now.
+    drop(child.stdin.take());
+    let mut stderr = String::new();
+    if let Some(mut err) = child.stderr.take() {
+        let _ = err.read_to_string(&mut stderr);
+    }
+    let status = child.wait();
+    let result = result.and_then(|()| match status {
+        Ok(s) if s.success() => Ok(()),
+        Ok(s) => Err(NamespaceError::Helper(s.to_string())),
+        Err(e) => Err(NamespaceError::Helper(format!("wait: {e}"))),
+    });
+    if let Err(e) = result {
+        let mut kinds = setup.kinds.clone();
+        kinds.push(NamespaceKind::User);
+        remove_pins(dir, &kinds);
+        // The helper's own words say more than a closed pipe.
+        let said = stderr.trim();
+        return Err(if said.is_empty() {
+            e
+        } else {
+            NamespaceError::Helper(format!("{e}; it said: {said}"))
+        });
+    }
+    Ok(())
+}
+
+/// berthd's side of the helper's protocol, up to every namespace pinned.
+fn drive_helper(
+    child: &mut Child,
+    dir: &Path,
+    setup: &NamespaceSetup,
+    map: &IdMap,
+) -> Result<(), NamespaceError> {
+    let pid = child.id();
+    let mut stdout = BufReader::new(
+        child
+            .stdout
+            .take()
+            .ok_or_else(|| NamespaceError::Helper("no stdout".to_string()))?,
+    );
+    let mut expect = |word: &str| -> Result<(), NamespaceError> {
+        let mut line = String::new();
+        stdout
+            .read_line(&mut line)
+            .map_err(|e| NamespaceError::Helper(format!("read: {e}")))?;
+        if line.trim_end() == word {
+            Ok(())
+        } else {
+            Err(NamespaceError::Helper(format!(
+                "expected {word:?}, got {:?}",
+                line.trim_end()
+            )))
+        }
+    };
+    expect(UNSHARED)?;
+    // Written by a privileged process, the maps may name any host ids, and
+    // setgroups stays allowed inside.
+    fs::write(format!("/proc/{pid}/uid_map"), map.uid_map()).map_err(NamespaceError::IdMap)?;
+    fs::write(format!("/proc/{pid}/gid_map"), map.gid_map()).map_err(NamespaceError::IdMap)?;
+    let stdin = child
+        .stdin
+        .as_mut()
+        .ok_or_else(|| NamespaceError::Helper("no stdin".to_string()))?;
+    writeln!(stdin, "{MAPPED}").map_err(|e| NamespaceError::Helper(format!("write: {e}")))?;
+    expect(READY)?;
+    for kind in std::iter::once(&NamespaceKind::User).chain(&setup.kinds) {
+        pin(
+            &format!("/proc/{pid}/ns/{}", kind.name()),
+            &dir.join(kind.name()),
+        )?;
+    }
+    Ok(())
+}
+
+/// The hidden `berthd pod-userns --setup JSON` mode; returns the exit code.
+/// Runs before any thread exists: unsharing a user namespace needs that.
+pub fn run_userns_helper(setup: &str) -> i32 {
+    match userns_helper(setup) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("{e}");
+            1
+        }
+    }
+}
+
+fn userns_helper(setup: &str) -> Result<(), NamespaceError> {
+    let setup: NamespaceSetup =
+        serde_json::from_str(setup).map_err(|e| NamespaceError::Helper(format!("setup: {e}")))?;
+    let io = |e: std::io::Error| NamespaceError::Helper(e.to_string());
+    unshare(CloneFlags::CLONE_NEWUSER).map_err(NamespaceError::Unshare)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{UNSHARED}")
+        .and_then(|()| out.flush())
+        .map_err(io)?;
+    let mut input = std::io::stdin().lock();
+    let mut line = String::new();
+    input.read_line(&mut line).map_err(io)?;
+    if line.trim_end() != MAPPED {
+        return Err(NamespaceError::Helper(format!(
+            "expected {MAPPED:?}, got {:?}",
+            line.trim_end()
+        )));
+    }
+    // As the namespace's root (a host id of the pod's range), not as an
+    // unmapped host root: IPC sysctls are writable only by that root.
+    setgroups(&[]).map_err(NamespaceError::Identity)?;
+    setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0))
+        .map_err(NamespaceError::Identity)?;
+    setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0))
+        .map_err(NamespaceError::Identity)?;
+    unshare(clone_flags(&setup.kinds)).map_err(NamespaceError::Unshare)?;
+    configure(&setup)?;
+    writeln!(out, "{READY}")
+        .and_then(|()| out.flush())
+        .map_err(io)?;
+    // berthd closes stdin once the namespaces are pinned.
+    let _ = input.read_to_end(&mut Vec::new());
     Ok(())
 }
 

@@ -28,6 +28,26 @@ pub struct NamespaceOptions {
     pub pid: NamespaceMode,
     pub ipc: NamespaceMode,
     pub target_id: String,
+    /// The user namespace asked for; none means the host's.
+    #[serde(default)]
+    pub user: Option<UserNamespaceOptions>,
+}
+
+/// One range of ids: `length` ids from `container_id` inside are
+/// `host_id`.. outside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdMapping {
+    pub container_id: u32,
+    pub host_id: u32,
+    pub length: u32,
+}
+
+/// A user namespace request as given; `runtime::userns` checks it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserNamespaceOptions {
+    pub mode: NamespaceMode,
+    pub uids: Vec<IdMapping>,
+    pub gids: Vec<IdMapping>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,6 +119,9 @@ pub struct PodRecord {
     /// PID 1 of the pod's shared PID namespace, when it has one.
     #[serde(default)]
     pub infra_pid: Option<i32>,
+    /// The id mapping of the pod's own user namespace, when it has one.
+    #[serde(default)]
+    pub user_namespace: Option<super::userns::IdMap>,
 }
 
 impl PodRecord {
@@ -177,6 +200,11 @@ impl PodPaths {
 
     pub fn shm(&self) -> PathBuf {
         self.dir.join("shm")
+    }
+
+    /// The empty root of the infra process of a pod with a user namespace.
+    pub fn infra_root(&self) -> PathBuf {
+        self.dir.join("infra-root")
     }
 }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use super::container::{ContainerPaths, ContainerRecord, ContainerState};
-use super::namespace::{self, NamespaceKind};
+use super::namespace;
 use super::pod::{PodRecord, PodState};
 use super::{
     ContainerEntry, Runtime, RuntimeError, container_name_key, lost_status, rootfs, state_of,
@@ -19,7 +19,6 @@ use crate::monitor;
 use crate::store::{self, Durability};
 
 const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
-const ALL_PINS: [NamespaceKind; 3] = [NamespaceKind::Net, NamespaceKind::Ipc, NamespaceKind::Uts];
 
 fn entries(dir: &Path) -> impl Iterator<Item = std::fs::DirEntry> {
     std::fs::read_dir(dir).into_iter().flatten().flatten()
@@ -60,7 +59,7 @@ impl Runtime {
             if rebooted && pod.state == PodState::Ready {
                 // Its namespaces died with the old kernel; the pins are plain files now.
                 let paths = self.pod_paths(&pod.id);
-                namespace::remove_pins(&paths.ns, &ALL_PINS);
+                namespace::remove_pins(&paths.ns, &namespace::ALL_KINDS);
                 let _ = std::fs::remove_file(paths.ns.join("pid"));
                 pod.state = PodState::NotReady;
                 pod.infra_pid = None;
@@ -172,7 +171,7 @@ impl Runtime {
             if !pods.contains(&id) {
                 tracing::info!(pod = %id, "removing orphaned namespace pins");
                 super::infra::kill_unrecorded(&entry.path().join("pid"));
-                namespace::remove_pins(&entry.path(), &ALL_PINS);
+                namespace::remove_pins(&entry.path(), &namespace::ALL_KINDS);
                 let _ = std::fs::remove_file(entry.path().join("pid"));
                 let _ = std::fs::remove_dir(entry.path());
             }

@@ -178,6 +178,16 @@ fn bind(destination: &str, source: &str, options: &[&str]) -> Value {
 pub fn build(input: &SpecInput) -> Value {
     let c = input.config;
     let pod = &input.pod.config;
+    // In a pod's own user namespace, bind mounts are id-mapped through it:
+    // files keep their host owners inside (root's stay root's).
+    let idmap = input.pod.user_namespace.is_some();
+    let mapped_bind = |destination: &str, source: &str, options: &[&str]| {
+        let mut options = options.to_vec();
+        if idmap {
+            options.push("idmap");
+        }
+        bind(destination, source, &options)
+    };
     let mut mounts = vec![
         json!({"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]}),
         json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
@@ -191,11 +201,11 @@ pub fn build(input: &SpecInput) -> Value {
     } else {
         input.pod_paths.shm().display().to_string()
     };
-    mounts.push(bind(
-        "/dev/shm",
-        &shm,
-        &["rbind", "nosuid", "nodev", "noexec"],
-    ));
+    // Not id-mapped: a tmpfs berthd made, writable by every uid.
+    mounts.push(
+        json!({"destination": "/dev/shm", "type": "bind", "source": shm,
+        "options": ["rbind", "nosuid", "nodev", "noexec"]}),
+    );
     let requested: Vec<&str> = c.mounts.iter().map(|m| m.container_path.as_str()).collect();
     for (dest, source) in [
         ("/etc/hostname", input.pod_paths.hostname()),
@@ -203,7 +213,11 @@ pub fn build(input: &SpecInput) -> Value {
         ("/etc/resolv.conf", input.pod_paths.resolv_conf()),
     ] {
         if !requested.contains(&dest) {
-            mounts.push(bind(dest, &source.display().to_string(), &["rbind", "rw"]));
+            mounts.push(mapped_bind(
+                dest,
+                &source.display().to_string(),
+                &["rbind", "rw"],
+            ));
         }
     }
     for m in &c.mounts {
@@ -217,11 +231,16 @@ pub fn build(input: &SpecInput) -> Value {
             Propagation::HostToContainer => "rslave",
             Propagation::Bidirectional => "rshared",
         });
-        mounts.push(bind(&m.container_path, &m.host_path, &options));
+        mounts.push(mapped_bind(&m.container_path, &m.host_path, &options));
     }
 
-    let mut namespaces = vec![json!({"type": "mount"})];
     let pin = |kind: &str| input.pod_paths.ns.join(kind).display().to_string();
+    // The user namespace first: it owns every other one of the pod's.
+    let mut namespaces = Vec::new();
+    if idmap {
+        namespaces.push(json!({"type": "user", "path": pin("user")}));
+    }
+    namespaces.push(json!({"type": "mount"}));
     if pod.namespaces.network != NamespaceMode::Node {
         namespaces.push(json!({"type": "network", "path": pin("net")}));
     }
@@ -266,7 +285,7 @@ pub fn build(input: &SpecInput) -> Value {
     } else {
         pod.hostname.clone()
     };
-    json!({
+    let mut spec = json!({
         "ociVersion": "1.0.2",
         "process": {
             "terminal": c.tty,
@@ -293,5 +312,11 @@ pub fn build(input: &SpecInput) -> Value {
             "rootfsPropagation": rootfs_propagation(c),
         },
         "annotations": c.annotations,
-    })
+    });
+    if let Some(map) = &input.pod.user_namespace {
+        let mapping = |m: &super::pod::IdMapping| json!([{"containerID": m.container_id, "hostID": m.host_id, "size": m.length}]);
+        spec["linux"]["uidMappings"] = mapping(&map.uids);
+        spec["linux"]["gidMappings"] = mapping(&map.gids);
+    }
+    spec
 }
