@@ -866,9 +866,8 @@ impl Runtime {
         });
         let mut spec = spec;
         if let Some(profile) = self.seccomp_profile(&resolved)? {
-            let program = self
-                .seccomp
-                .get_or_compile(&profile)
+            // A profile's first use compiles it (tens of ms): off the async workers.
+            let program = tokio::task::block_in_place(|| self.seccomp.get_or_compile(&profile))
                 .map_err(|e| RuntimeError::InvalidArgument(e.to_string()))?;
             program
                 .write(&paths.bundle.join(seccomp::PROGRAM_FILE))
