@@ -15,10 +15,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use common::berthd::{Berthd, BerthdOptions};
-use common::fixtures::{self, Fixture};
-use common::pods::{
-    self, nc_from, pod_ip, pull, remove_pod, run_pod, start_container, update_pod_cidr,
+use common::cri_pod::{
+    self, nc_from, pod_ip, remove_pod, run_pod, start_container, update_pod_cidr,
 };
+use common::fixtures::{self, Fixture};
 use common::registry::Registry;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
@@ -434,10 +434,10 @@ async fn cni_pods_reach_each_other_the_host_and_host_ports_and_del_survives_a_re
     );
     assert_eq!(info["watch"], json!("inotify"), "{info}");
     assert!(network_condition(&mut rt).await.status);
-    pull(&berthd, &busybox).await;
+    berthd.pull(&busybox).await;
 
     let host_port = 21_000 + (std::process::id() % 20_000) as u16;
-    let config_a = pods::pod_config(
+    let config_a = cri_pod::pod_config(
         "cni-test",
         "a",
         logs.path(),
@@ -448,7 +448,7 @@ async fn cni_pods_reach_each_other_the_host_and_host_ports_and_del_survives_a_re
             host_ip: "127.0.0.1".to_string(),
         }],
     );
-    let config_b = pods::pod_config("cni-test", "b", logs.path(), Vec::new());
+    let config_b = cri_pod::pod_config("cni-test", "b", logs.path(), Vec::new());
     let pod_a = run_pod(&mut rt, &config_a).await;
     let pod_b = run_pod(&mut rt, &config_b).await;
     let ip_a = pod_ip(&mut rt, &pod_a).await;
@@ -512,7 +512,7 @@ async fn cni_pods_reach_each_other_the_host_and_host_ports_and_del_survives_a_re
         .count();
     assert_eq!(bridge_checks, 2, "{log}");
     assert_eq!(nc_from(&mut rt, &c_b, &ip_a, 8080).await, "pong-a");
-    let config_c = pods::pod_config("cni-test", "c", logs.path(), Vec::new());
+    let config_c = cri_pod::pod_config("cni-test", "c", logs.path(), Vec::new());
     let pod_c = run_pod(&mut rt, &config_c).await;
     let ip_c = pod_ip(&mut rt, &pod_c).await;
     assert!(other.in_subnet(&ip_c), "{ip_c} in {}", other.subnet);
@@ -562,7 +562,7 @@ async fn cluster_mode_is_not_ready_until_a_config_appears() {
     // No pod starts on a network the node cannot route.
     let err = rt
         .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(pods::pod_config(
+            config: Some(cri_pod::pod_config(
                 "cni-test",
                 "early",
                 logs.path(),
@@ -605,7 +605,7 @@ async fn cluster_mode_is_not_ready_until_a_config_appears() {
         "{info}"
     );
 
-    let config = pods::pod_config(
+    let config = cri_pod::pod_config(
         "cni-test",
         "web",
         logs.path(),

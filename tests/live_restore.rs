@@ -31,17 +31,14 @@ use std::time::{Duration, Instant};
 
 use berth::cni::bridge::host_veth_name;
 use common::berthd::{Berthd, BerthdOptions};
-use common::fixtures::{self, Fixture};
-use common::registry::Registry;
+use common::cri_pod::{self, CriNode, Rt, run_container, run_pod, status_pid};
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::{Endpoint, Uri};
 use tonic::{Code, Status};
-
-type Rt = RuntimeServiceClient<Channel>;
 
 /// A container that writes a line every 0.2 s until it is stopped; it exits
 /// on SIGTERM even as the PID 1 of its own namespace (which has no default
@@ -56,63 +53,20 @@ const TICKER: &[&str] = &[
 // Shared helpers: a node with busybox pulled, configs, CRI calls, /proc.
 // ---------------------------------------------------------------------------
 
-struct Node {
-    berthd: Berthd,
-    _registry: Registry,
-    busybox: String,
-    logs: tempfile::TempDir,
-}
-
-async fn node() -> Node {
-    node_with(BerthdOptions::default()).await
-}
-
-async fn node_with(options: BerthdOptions) -> Node {
-    let registry = Registry::start().expect("registry");
-    let pushed = fixtures::push(&registry, Fixture::BusyboxLatest).expect("push busybox");
-    let berthd = Berthd::start_with(options);
-    berthd
-        .images()
-        .await
-        .pull_image(PullImageRequest {
-            image: Some(ImageSpec {
-                image: pushed.reference.clone(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .expect("pull busybox");
-    Node {
-        berthd,
-        _registry: registry,
-        busybox: pushed.reference,
-        logs: tempfile::tempdir().expect("log dir"),
-    }
-}
-
 /// A pod labelled `pod=<name>`; `ports` are (container port, host port) over TCP.
 fn pod_config(logs: &Path, name: &str, ports: &[(i32, i32)]) -> PodSandboxConfig {
+    let ports = ports
+        .iter()
+        .map(|&(container_port, host_port)| PortMapping {
+            protocol: Protocol::Tcp as i32,
+            container_port,
+            host_port,
+            host_ip: String::new(),
+        })
+        .collect();
     PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: name.to_string(),
-            uid: format!("uid-{name}"),
-            namespace: "live-restore".to_string(),
-            attempt: 0,
-        }),
-        hostname: name.to_string(),
-        log_directory: logs.join(name).display().to_string(),
         labels: HashMap::from([("pod".to_string(), name.to_string())]),
-        port_mappings: ports
-            .iter()
-            .map(|&(container_port, host_port)| PortMapping {
-                protocol: Protocol::Tcp as i32,
-                container_port,
-                host_port,
-                host_ip: String::new(),
-            })
-            .collect(),
-        ..Default::default()
+        ..cri_pod::pod_config("live-restore", name, logs, ports)
     }
 }
 
@@ -135,18 +89,8 @@ fn own_pid_namespaces(mut config: PodSandboxConfig) -> PodSandboxConfig {
 /// A container labelled `container=<name>`, logging to `<name>.log`.
 fn container_config(image: &str, name: &str, command: &[&str]) -> ContainerConfig {
     ContainerConfig {
-        metadata: Some(ContainerMetadata {
-            name: name.to_string(),
-            attempt: 0,
-        }),
-        image: Some(ImageSpec {
-            image: image.to_string(),
-            ..Default::default()
-        }),
-        command: command.iter().map(|s| s.to_string()).collect(),
-        log_path: format!("{name}.log"),
         labels: HashMap::from([("container".to_string(), name.to_string())]),
-        ..Default::default()
+        ..cri_pod::container_config(image, name, command)
     }
 }
 
@@ -171,62 +115,6 @@ async fn try_connect(socket: &Path) -> Result<Rt, String> {
 
 fn state_name(state: i32) -> &'static str {
     ContainerState::try_from(state).map_or("?", |s| s.as_str_name())
-}
-
-/// ContainerStatus with the init's host pid from the verbose info.
-async fn status_pid(rt: &mut Rt, id: &str) -> Result<(ContainerStatus, i32), Status> {
-    let reply = rt
-        .container_status(ContainerStatusRequest {
-            container_id: id.to_string(),
-            verbose: true,
-        })
-        .await?
-        .into_inner();
-    let pid = reply
-        .info
-        .get("info")
-        .and_then(|i| serde_json::from_str::<serde_json::Value>(i).ok())
-        .and_then(|v| v["pid"].as_i64())
-        .unwrap_or(0) as i32;
-    let status = reply
-        .status
-        .ok_or_else(|| Status::internal("ContainerStatus without a status"))?;
-    Ok((status, pid))
-}
-
-async fn run_pod(rt: &mut Rt, config: &PodSandboxConfig) -> String {
-    rt.run_pod_sandbox(RunPodSandboxRequest {
-        config: Some(config.clone()),
-        runtime_handler: String::new(),
-    })
-    .await
-    .expect("RunPodSandbox")
-    .into_inner()
-    .pod_sandbox_id
-}
-
-async fn create_and_start(
-    rt: &mut Rt,
-    pod: &str,
-    pod_config: &PodSandboxConfig,
-    config: ContainerConfig,
-) -> String {
-    let id = rt
-        .create_container(CreateContainerRequest {
-            pod_sandbox_id: pod.to_string(),
-            config: Some(config),
-            sandbox_config: Some(pod_config.clone()),
-        })
-        .await
-        .expect("CreateContainer")
-        .into_inner()
-        .container_id;
-    rt.start_container(StartContainerRequest {
-        container_id: id.clone(),
-    })
-    .await
-    .expect("StartContainer");
-    id
 }
 
 async fn remove_all_pods(rt: &mut Rt) {
@@ -1442,7 +1330,7 @@ async fn churn_under_fifty_kills_keeps_records_true_and_leaves_nothing() {
     let seed = churn_seed();
     println!("live restore churn: seed {seed:#x} (BERTH_CHURN_SEED overrides)");
     let began = Instant::now();
-    let mut node = node().await;
+    let mut node = CriNode::start().await;
     let mut rng = Rng::new(seed);
     let mut rt = node.berthd.runtime().await;
 
@@ -1455,11 +1343,11 @@ async fn churn_under_fifty_kills_keeps_records_true_and_leaves_nothing() {
             config = own_pid_namespaces(config);
         }
         let pod = run_pod(&mut rt, &config).await;
-        let id = create_and_start(
+        let id = run_container(
             &mut rt,
             &pod,
             &config,
-            container_config(&node.busybox, "ticker", TICKER),
+            &container_config(&node.busybox, "ticker", TICKER),
         )
         .await;
         let (_, pid) = status_pid(&mut rt, &id).await.expect("keeper status");
@@ -1661,16 +1549,16 @@ fn tail(text: &str, lines: usize) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_monitor_reports_its_container_exited_and_leaves_nothing() {
-    let mut node = node().await;
+    let mut node = CriNode::start().await;
     let mut rt = node.berthd.runtime().await;
     let config = own_pid_namespaces(pod_config(node.logs.path(), "orphaned", &[]));
     let pod = run_pod(&mut rt, &config).await;
     // A silent container: nothing it writes can die of the broken log pipe.
-    let id = create_and_start(
+    let id = run_container(
         &mut rt,
         &pod,
         &config,
-        container_config(&node.busybox, "sleeper", &["sleep", "100000"]),
+        &container_config(&node.busybox, "sleeper", &["sleep", "100000"]),
     )
     .await;
     let (status, pid) = status_pid(&mut rt, &id).await.expect("status");
@@ -1803,16 +1691,16 @@ fn log_messages(path: &str) -> Vec<(String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn as_a_user_would_try_it_ports_logs_and_exits_across_a_killed_berthd() {
-    let mut node = node().await;
+    let mut node = CriNode::start().await;
     let mut rt = node.berthd.runtime().await;
     let port = free_port();
     let config = pod_config(node.logs.path(), "story", &[(8080, port)]);
     let pod = run_pod(&mut rt, &config).await;
-    let web = create_and_start(
+    let web = run_container(
         &mut rt,
         &pod,
         &config,
-        container_config(
+        &container_config(
             &node.busybox,
             "web",
             &[
@@ -1820,14 +1708,13 @@ async fn as_a_user_would_try_it_ports_logs_and_exits_across_a_killed_berthd() {
                 "-c",
                 "mkdir -p /www && echo hello-from-berth > /www/index.html && exec httpd -f -p 8080 -h /www",
             ],
-        ),
-    )
+        ))
     .await;
-    let ticker = create_and_start(
+    let ticker = run_container(
         &mut rt,
         &pod,
         &config,
-        container_config(&node.busybox, "ticker", TICKER),
+        &container_config(&node.busybox, "ticker", TICKER),
     )
     .await;
     let trigger = tempfile::tempdir().expect("trigger dir");
@@ -1845,7 +1732,7 @@ async fn as_a_user_would_try_it_ports_logs_and_exits_across_a_killed_berthd() {
         host_path: trigger.path().display().to_string(),
         ..Default::default()
     }];
-    let printer = create_and_start(&mut rt, &pod, &config, printer_config).await;
+    let printer = run_container(&mut rt, &pod, &config, &printer_config).await;
 
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -1976,7 +1863,7 @@ const MANY: usize = 100;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_with_100_running_containers_answers_at_once() {
-    let mut node = node().await;
+    let mut node = CriNode::start().await;
     let rt = node.berthd.runtime().await;
     let began = Instant::now();
     let image = node.busybox.clone();
@@ -1994,11 +1881,11 @@ async fn a_restart_with_100_running_containers_answers_at_once() {
                 }
                 let config = pod_config(&logs, &format!("many-{i}"), &[]);
                 let pod = run_pod(&mut rt, &config).await;
-                let id = create_and_start(
+                let id = run_container(
                     &mut rt,
                     &pod,
                     &config,
-                    container_config(&image, "sleep", &["sleep", "100000"]),
+                    &container_config(&image, "sleep", &["sleep", "100000"]),
                 )
                 .await;
                 made.push(id);
@@ -2089,14 +1976,18 @@ async fn a_restart_with_100_running_containers_answers_at_once() {
 // ---------------------------------------------------------------------------
 
 /// A pod named `name` with one TICKER container `c` started in it.
-async fn ticking_pod(rt: &mut Rt, node: &Node, name: &str) -> (PodSandboxConfig, String, String) {
+async fn ticking_pod(
+    rt: &mut Rt,
+    node: &CriNode,
+    name: &str,
+) -> (PodSandboxConfig, String, String) {
     let config = pod_config(node.logs.path(), name, &[]);
     let pod = run_pod(rt, &config).await;
-    let id = create_and_start(
+    let id = run_container(
         rt,
         &pod,
         &config,
-        container_config(&node.busybox, "c", TICKER),
+        &container_config(&node.busybox, "c", TICKER),
     )
     .await;
     (config, pod, id)
@@ -2107,25 +1998,25 @@ async fn ticking_pod(rt: &mut Rt, node: &Node, name: &str) -> (PodSandboxConfig,
 /// the restarted berthd reports them exited with those codes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_live_restore_a_clean_shutdown_stops_every_container() {
-    let mut node = node_with(BerthdOptions {
+    let mut node = CriNode::start_with(BerthdOptions {
         extra_config: "live_restore: false\nshutdown_timeout_secs: 2\n".to_string(),
     })
     .await;
     let mut rt = node.berthd.runtime().await;
     let config = pod_config(node.logs.path(), "no-restore", &[]);
     let pod = run_pod(&mut rt, &config).await;
-    let polite = create_and_start(
+    let polite = run_container(
         &mut rt,
         &pod,
         &config,
-        container_config(&node.busybox, "polite", TICKER),
+        &container_config(&node.busybox, "polite", TICKER),
     )
     .await;
-    let deaf = create_and_start(
+    let deaf = run_container(
         &mut rt,
         &pod,
         &config,
-        container_config(
+        &container_config(
             &node.busybox,
             "deaf",
             &["sh", "-c", "trap '' TERM; exec sleep 3600"],
@@ -2175,7 +2066,7 @@ async fn without_live_restore_a_clean_shutdown_stops_every_container() {
 /// every piece, and the same name can be created again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_creation_cut_before_its_record_is_rolled_back() {
-    let mut node = node().await;
+    let mut node = CriNode::start().await;
     let mut rt = node.berthd.runtime().await;
     let (config, pod, id) = ticking_pod(&mut rt, &node, "cut").await;
     let (_, pid) = status_pid(&mut rt, &id).await.expect("status");
@@ -2203,11 +2094,11 @@ async fn a_creation_cut_before_its_record_is_rolled_back() {
         !node.berthd.root.join("containers").join(&id).exists(),
         "the writable layer is removed"
     );
-    let again = create_and_start(
+    let again = run_container(
         &mut rt,
         &pod,
         &config,
-        container_config(&node.busybox, "c", TICKER),
+        &container_config(&node.busybox, "c", TICKER),
     )
     .await;
     assert_ne!(again, id);
@@ -2219,7 +2110,7 @@ async fn a_creation_cut_before_its_record_is_rolled_back() {
 /// leaves a live pod and container alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_periodic_collector_removes_orphans_and_keeps_the_living() {
-    let node = node_with(BerthdOptions {
+    let node = CriNode::start_with(BerthdOptions {
         extra_config: "gc_interval_secs: 1\n".to_string(),
     })
     .await;

@@ -24,12 +24,10 @@ use berth::cni::{PodNetwork, PodNetworkRequest};
 use berth::config::NetworkConfig;
 use berth::runtime::namespace::{self, NamespaceKind, NamespaceSetup};
 use berth::runtime::pod::PortMapping;
-use common::berthd::{Berthd, BerthdOptions};
-use common::fixtures::{self, Fixture};
-use common::pods::{
-    self, nc_from, pod_ips, pull, remove_pod, run_pod, start_container, update_pod_cidr,
+use common::berthd::BerthdOptions;
+use common::cri_pod::{
+    self, CriNode, nc_from, pod_ips, remove_pod, run_pod, start_container, update_pod_cidr,
 };
-use common::registry::Registry;
 use nix::sys::signal::Signal;
 
 fn is_root() -> bool {
@@ -1160,22 +1158,19 @@ async fn dual_stack_pods_over_cri_and_update_runtime_config_pod_cidr() {
         return;
     }
     let names = Names::unique();
-    let registry = Registry::start().expect("registry");
-    let busybox = fixtures::push(&registry, Fixture::BusyboxLatest)
-        .expect("push busybox")
-        .reference;
-    let logs = tempfile::tempdir().expect("log dir");
-    let mut berthd = Berthd::start_with_network(
+    let mut node = CriNode::start_with_network(
         BerthdOptions::default(),
         &format!("  mode: builtin\n  subnet_v6: {}\n", names.subnet_v6),
-    );
+    )
+    .await;
+    let (busybox, logs) = (node.busybox.clone(), node.logs.path().to_path_buf());
+    let berthd = &mut node.berthd;
     let subnet = berthd.names.subnet.clone();
     let mut rt = berthd.runtime().await;
-    pull(&berthd, &busybox).await;
 
     // Two dual-stack pods: IPv4 as `ip`, IPv6 in `additional_ips`.
-    let config_a = pods::pod_config("net-test", "a", logs.path(), Vec::new());
-    let config_b = pods::pod_config("net-test", "b", logs.path(), Vec::new());
+    let config_a = cri_pod::pod_config("net-test", "a", &logs, Vec::new());
+    let config_b = cri_pod::pod_config("net-test", "b", &logs, Vec::new());
     let pod_a = run_pod(&mut rt, &config_a).await;
     let pod_b = run_pod(&mut rt, &config_b).await;
     let ips_a = pod_ips(&mut rt, &pod_a).await;
@@ -1205,7 +1200,7 @@ async fn dual_stack_pods_over_cri_and_update_runtime_config_pod_cidr() {
         .await
         .expect("pod CIDR");
     // New pods take the pod CIDR; a and b keep their addresses.
-    let config_c = pods::pod_config("net-test", "c", logs.path(), Vec::new());
+    let config_c = cri_pod::pod_config("net-test", "c", &logs, Vec::new());
     let pod_c = run_pod(&mut rt, &config_c).await;
     let ips_c = pod_ips(&mut rt, &pod_c).await;
     assert!(in_subnets(&ips_c, cidr_v4, cidr_v6), "{ips_c:?}");
@@ -1219,7 +1214,7 @@ async fn dual_stack_pods_over_cri_and_update_runtime_config_pod_cidr() {
     berthd.stop_with(Signal::SIGKILL);
     berthd.spawn();
     let mut rt = berthd.runtime().await;
-    let config_d = pods::pod_config("net-test", "d", logs.path(), Vec::new());
+    let config_d = cri_pod::pod_config("net-test", "d", &logs, Vec::new());
     let pod_d = run_pod(&mut rt, &config_d).await;
     let ips_d = pod_ips(&mut rt, &pod_d).await;
     assert!(in_subnets(&ips_d, cidr_v4, cidr_v6), "{ips_d:?}");

@@ -7,155 +7,36 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::berthd::Berthd;
-use common::fixtures::{self, Fixture};
-use common::registry::Registry;
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use common::cri_pod::{CriNode, create, run_container, run_pod, run_to_exit, status, wait_exited};
 use k8s_cri::v1::*;
 use nix::sys::signal::Signal;
-use tonic::transport::Channel;
 
-struct Node {
-    berthd: Berthd,
-    _registry: Registry,
-    busybox: String,
-    logs: tempfile::TempDir,
-}
+/// How long a container may take to exit.
+const WAIT: Duration = Duration::from_secs(10);
 
-async fn node() -> Node {
-    let registry = Registry::start().expect("registry");
-    let pushed = fixtures::push(&registry, Fixture::BusyboxLatest).expect("push busybox");
-    let berthd = Berthd::start();
-    berthd
-        .images()
-        .await
-        .pull_image(PullImageRequest {
-            image: Some(ImageSpec {
-                image: pushed.reference.clone(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .expect("pull busybox");
-    Node {
-        berthd,
-        _registry: registry,
-        busybox: pushed.reference,
-        logs: tempfile::tempdir().expect("log dir"),
-    }
-}
-
-fn pod_config(node: &Node, name: &str) -> PodSandboxConfig {
+/// A pod labelled `app=<name>`.
+fn pod_config(node: &CriNode, name: &str) -> PodSandboxConfig {
     PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: name.to_string(),
-            uid: format!("uid-{name}"),
-            namespace: "default".to_string(),
-            attempt: 0,
-        }),
-        hostname: name.to_string(),
-        log_directory: node.logs.path().join(name).display().to_string(),
         labels: HashMap::from([("app".to_string(), name.to_string())]),
-        ..Default::default()
+        ..node.pod_config(name)
     }
 }
 
-async fn run_pod(rt: &mut RuntimeServiceClient<Channel>, config: PodSandboxConfig) -> String {
-    rt.run_pod_sandbox(RunPodSandboxRequest {
-        config: Some(config),
-        runtime_handler: String::new(),
-    })
-    .await
-    .expect("RunPodSandbox")
-    .into_inner()
-    .pod_sandbox_id
-}
-
-fn container_config(node: &Node, name: &str, command: &[&str]) -> ContainerConfig {
+/// A busybox container labelled `c=<name>`, logging to `<name>/0.log`.
+fn container_config(node: &CriNode, name: &str, command: &[&str]) -> ContainerConfig {
     ContainerConfig {
-        metadata: Some(ContainerMetadata {
-            name: name.to_string(),
-            attempt: 0,
-        }),
-        image: Some(ImageSpec {
-            image: node.busybox.clone(),
-            ..Default::default()
-        }),
-        command: command.iter().map(|s| s.to_string()).collect(),
         log_path: format!("{name}/0.log"),
         labels: HashMap::from([("c".to_string(), name.to_string())]),
-        ..Default::default()
+        ..node.busybox_config(name, command)
     }
-}
-
-async fn create(
-    rt: &mut RuntimeServiceClient<Channel>,
-    pod: &str,
-    pod_config: &PodSandboxConfig,
-    config: ContainerConfig,
-) -> Result<String, tonic::Status> {
-    rt.create_container(CreateContainerRequest {
-        pod_sandbox_id: pod.to_string(),
-        config: Some(config),
-        sandbox_config: Some(pod_config.clone()),
-    })
-    .await
-    .map(|r| r.into_inner().container_id)
-}
-
-async fn status(rt: &mut RuntimeServiceClient<Channel>, id: &str) -> ContainerStatus {
-    rt.container_status(ContainerStatusRequest {
-        container_id: id.to_string(),
-        verbose: false,
-    })
-    .await
-    .expect("ContainerStatus")
-    .into_inner()
-    .status
-    .expect("status")
-}
-
-async fn wait_exited(rt: &mut RuntimeServiceClient<Channel>, id: &str) -> ContainerStatus {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let s = status(rt, id).await;
-        if s.state == ContainerState::ContainerExited as i32 {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "container {id} did not exit: {s:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn run_to_exit(
-    node: &Node,
-    rt: &mut RuntimeServiceClient<Channel>,
-    pod: &str,
-    pc: &PodSandboxConfig,
-    name: &str,
-    command: &[&str],
-) -> ContainerStatus {
-    let id = create(rt, pod, pc, container_config(node, name, command))
-        .await
-        .expect("create");
-    rt.start_container(StartContainerRequest {
-        container_id: id.clone(),
-    })
-    .await
-    .expect("start");
-    wait_exited(rt, &id).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pod_lifecycle_names_namespaces_and_idempotence() {
-    let node = node().await;
+    let node = CriNode::start().await;
     let mut rt = node.berthd.runtime().await;
     let config = pod_config(&node, "web");
-    let id = run_pod(&mut rt, config.clone()).await;
+    let id = run_pod(&mut rt, &config).await;
 
     let status = rt
         .pod_sandbox_status(PodSandboxStatusRequest {
@@ -320,10 +201,10 @@ async fn pod_lifecycle_names_namespaces_and_idempotence() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containers_create_start_log_and_exit() {
-    let node = node().await;
+    let node = CriNode::start().await;
     let mut rt = node.berthd.runtime().await;
     let pc = pod_config(&node, "jobs");
-    let pod = run_pod(&mut rt, pc.clone()).await;
+    let pod = run_pod(&mut rt, &pc).await;
 
     // Created is not started: the command has not run.
     let marker = node.logs.path().join("ran");
@@ -337,7 +218,7 @@ async fn containers_create_start_log_and_exit() {
         host_path: node.logs.path().display().to_string(),
         ..Default::default()
     }];
-    let id = create(&mut rt, &pod, &pc, cfg).await.expect("create");
+    let id = create(&mut rt, &pod, &pc, &cfg).await.expect("create");
     let created = status(&mut rt, &id).await;
     assert_eq!(created.state, ContainerState::ContainerCreated as i32);
     assert_eq!(created.mounts.len(), 1, "exactly the CRI mounts");
@@ -348,7 +229,7 @@ async fn containers_create_start_log_and_exit() {
     })
     .await
     .expect("start");
-    let exited = wait_exited(&mut rt, &id).await;
+    let exited = wait_exited(&mut rt, &id, WAIT).await;
     assert!(marker.exists());
     assert_eq!((exited.exit_code, exited.reason.as_str()), (0, "Completed"));
     assert!(exited.started_at > 0 && exited.finished_at >= exited.started_at);
@@ -377,22 +258,18 @@ async fn containers_create_start_log_and_exit() {
     }
 
     let ok = run_to_exit(
-        &node,
         &mut rt,
         &pod,
         &pc,
-        "expr-ok",
-        &["expr", "3", "+", "5"],
+        &container_config(&node, "expr-ok", &["expr", "3", "+", "5"]),
     )
     .await;
     assert_eq!((ok.exit_code, ok.reason.as_str()), (0, "Completed"));
     let bad = run_to_exit(
-        &node,
         &mut rt,
         &pod,
         &pc,
-        "expr-bad",
-        &["expr", "three", "+", "5"],
+        &container_config(&node, "expr-bad", &["expr", "three", "+", "5"]),
     )
     .await;
     assert_eq!((bad.exit_code, bad.reason.as_str()), (2, "Error"));
@@ -402,7 +279,7 @@ async fn containers_create_start_log_and_exit() {
         &mut rt,
         &pod,
         &pc,
-        container_config(&node, "missing", &["/no/such/binary"]),
+        &container_config(&node, "missing", &["/no/such/binary"]),
     )
     .await
     .expect("create");
@@ -417,7 +294,7 @@ async fn containers_create_start_log_and_exit() {
         "{}",
         err.message()
     );
-    let s = wait_exited(&mut rt, &id).await;
+    let s = wait_exited(&mut rt, &id, WAIT).await;
     assert_eq!((s.exit_code, s.reason.as_str()), (128, "StartError"));
 
     // Name reservation: same name and attempt in the pod.
@@ -425,7 +302,7 @@ async fn containers_create_start_log_and_exit() {
         &mut rt,
         &pod,
         &pc,
-        container_config(&node, "missing", &["true"]),
+        &container_config(&node, "missing", &["true"]),
     )
     .await
     .expect_err("reserved");
@@ -441,27 +318,21 @@ async fn containers_create_start_log_and_exit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_sync_stop_and_reopen_log() {
-    let node = node().await;
+    let node = CriNode::start().await;
     let mut rt = node.berthd.runtime().await;
     let pc = pod_config(&node, "svc");
-    let pod = run_pod(&mut rt, pc.clone()).await;
-    let id = create(
+    let pod = run_pod(&mut rt, &pc).await;
+    let id = run_container(
         &mut rt,
         &pod,
         &pc,
-        container_config(
+        &container_config(
             &node,
             "loop",
             &["sh", "-c", "while true; do echo tick; sleep 0.1; done"],
         ),
     )
-    .await
-    .expect("create");
-    rt.start_container(StartContainerRequest {
-        container_id: id.clone(),
-    })
-    .await
-    .expect("start");
+    .await;
     assert_eq!(
         status(&mut rt, &id).await.state,
         ContainerState::ContainerRunning as i32
@@ -540,15 +411,15 @@ async fn exec_sync_stop_and_reopen_log() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containers_outlive_a_killed_berthd() {
-    let mut node = node().await;
+    let mut node = CriNode::start().await;
     let mut rt = node.berthd.runtime().await;
     let pc = pod_config(&node, "durable");
-    let pod = run_pod(&mut rt, pc.clone()).await;
-    let id = create(
+    let pod = run_pod(&mut rt, &pc).await;
+    let id = run_container(
         &mut rt,
         &pod,
         &pc,
-        container_config(
+        &container_config(
             &node,
             "ticker",
             &[
@@ -558,26 +429,14 @@ async fn containers_outlive_a_killed_berthd() {
             ],
         ),
     )
-    .await
-    .expect("create");
-    rt.start_container(StartContainerRequest {
-        container_id: id.clone(),
-    })
-    .await
-    .expect("start");
-    let short = create(
+    .await;
+    let short = run_container(
         &mut rt,
         &pod,
         &pc,
-        container_config(&node, "short", &["sh", "-c", "sleep 1; exit 4"]),
+        &container_config(&node, "short", &["sh", "-c", "sleep 1; exit 4"]),
     )
-    .await
-    .expect("create short");
-    rt.start_container(StartContainerRequest {
-        container_id: short.clone(),
-    })
-    .await
-    .expect("start short");
+    .await;
     let log_path = status(&mut rt, &id).await.log_path;
     drop(rt);
 
@@ -617,23 +476,17 @@ async fn containers_outlive_a_killed_berthd() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reboot_reports_every_container_exited() {
-    let mut node = node().await;
+    let mut node = CriNode::start().await;
     let mut rt = node.berthd.runtime().await;
     let pc = pod_config(&node, "rebooted");
-    let pod = run_pod(&mut rt, pc.clone()).await;
-    let id = create(
+    let pod = run_pod(&mut rt, &pc).await;
+    let id = run_container(
         &mut rt,
         &pod,
         &pc,
-        container_config(&node, "sleeper", &["sleep", "600"]),
+        &container_config(&node, "sleeper", &["sleep", "600"]),
     )
-    .await
-    .expect("create");
-    rt.start_container(StartContainerRequest {
-        container_id: id.clone(),
-    })
-    .await
-    .expect("start");
+    .await;
     let info = rt
         .container_status(ContainerStatusRequest {
             container_id: id.clone(),
@@ -692,17 +545,17 @@ async fn a_reboot_reports_every_container_exited() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shared_pid_namespace_and_no_log_directory() {
-    let node = node().await;
+    let node = CriNode::start().await;
     let mut rt = node.berthd.runtime().await;
     // critest's default: no namespace options (PID shared by the pod), no log directory.
     let mut pc = pod_config(&node, "shared");
     pc.log_directory = String::new();
-    let pod = run_pod(&mut rt, pc.clone()).await;
+    let pod = run_pod(&mut rt, &pc).await;
     let mut ids = Vec::new();
     for name in ["first", "second"] {
         let mut cfg = container_config(&node, name, &["sleep", "600"]);
         cfg.log_path = String::new();
-        let id = create(&mut rt, &pod, &pc, cfg).await.expect("create");
+        let id = create(&mut rt, &pod, &pc, &cfg).await.expect("create");
         rt.start_container(StartContainerRequest {
             container_id: id.clone(),
         })
@@ -738,23 +591,17 @@ async fn a_shared_pid_namespace_and_no_log_directory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removed_image_keeps_its_layers_while_a_container_uses_them() {
-    let node = node().await;
+    let node = CriNode::start().await;
     let mut rt = node.berthd.runtime().await;
     let pc = pod_config(&node, "holder");
-    let pod = run_pod(&mut rt, pc.clone()).await;
-    let id = create(
+    let pod = run_pod(&mut rt, &pc).await;
+    let id = run_container(
         &mut rt,
         &pod,
         &pc,
-        container_config(&node, "user", &["sleep", "600"]),
+        &container_config(&node, "user", &["sleep", "600"]),
     )
-    .await
-    .expect("create");
-    rt.start_container(StartContainerRequest {
-        container_id: id.clone(),
-    })
-    .await
-    .expect("start");
+    .await;
     node.berthd
         .images()
         .await

@@ -19,16 +19,12 @@ use std::time::{Duration, Instant};
 
 use berth::monitor::{self, MonitorStatus, exec_sync};
 use berth::runtime::seccomp::{self, Program, SeccompCache};
-use common::berthd::Berthd;
 use common::bundle::{BERTHD, Bundle, default_caps, spec};
-use common::fixtures::{self, Fixture};
-use common::registry::Registry;
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use common::cri_pod::{CriNode, Rt, create, remove_pod, run_pod, run_to_exit};
 use k8s_cri::v1::security_profile::ProfileType;
 use k8s_cri::v1::*;
 use oci_spec::runtime::LinuxSeccomp;
 use serde_json::json;
-use tonic::transport::Channel;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -462,59 +458,19 @@ async fn exec_in_gets_the_containers_filter() {
 // ---------------------------------------------------------------------------
 // Through CRI.
 
+/// A node with one pod, `seccomp`, for the containers of a test.
 struct Node {
-    berthd: Berthd,
-    _registry: Registry,
-    busybox: String,
-    logs: tempfile::TempDir,
+    cri: CriNode,
     pod: String,
     pod_config: PodSandboxConfig,
 }
 
 async fn node() -> Node {
-    let registry = Registry::start().expect("registry");
-    let pushed = fixtures::push(&registry, Fixture::BusyboxLatest).expect("push busybox");
-    let berthd = Berthd::start();
-    berthd
-        .images()
-        .await
-        .pull_image(PullImageRequest {
-            image: Some(ImageSpec {
-                image: pushed.reference.clone(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .expect("pull busybox");
-    let logs = tempfile::tempdir().expect("log dir");
-    let pod_config = PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: "seccomp".into(),
-            uid: "uid-seccomp".into(),
-            namespace: "default".into(),
-            attempt: 0,
-        }),
-        hostname: "seccomp".into(),
-        log_directory: logs.path().display().to_string(),
-        ..Default::default()
-    };
-    let pod = berthd
-        .runtime()
-        .await
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(pod_config.clone()),
-            runtime_handler: String::new(),
-        })
-        .await
-        .expect("RunPodSandbox")
-        .into_inner()
-        .pod_sandbox_id;
+    let cri = CriNode::start().await;
+    let pod_config = cri.pod_config("seccomp");
+    let pod = run_pod(&mut cri.runtime().await, &pod_config).await;
     Node {
-        berthd,
-        _registry: registry,
-        busybox: pushed.reference,
-        logs,
+        cri,
         pod,
         pod_config,
     }
@@ -535,16 +491,6 @@ impl Node {
         seccomp: Option<SecurityProfile>,
     ) -> ContainerConfig {
         ContainerConfig {
-            metadata: Some(ContainerMetadata {
-                name: name.to_string(),
-                attempt: 0,
-            }),
-            image: Some(ImageSpec {
-                image: self.busybox.clone(),
-                ..Default::default()
-            }),
-            command: vec!["sh".into(), "-c".into(), script.into()],
-            log_path: format!("{name}.log"),
             linux: Some(LinuxContainerConfig {
                 security_context: Some(LinuxContainerSecurityContext {
                     seccomp,
@@ -552,80 +498,31 @@ impl Node {
                 }),
                 ..Default::default()
             }),
-            ..Default::default()
+            ..self.cri.container_config(name, script)
         }
     }
 
-    async fn create(
-        &self,
-        rt: &mut RuntimeServiceClient<Channel>,
-        config: ContainerConfig,
-    ) -> Result<String, tonic::Status> {
-        rt.create_container(CreateContainerRequest {
-            pod_sandbox_id: self.pod.clone(),
-            config: Some(config),
-            sandbox_config: Some(self.pod_config.clone()),
-        })
-        .await
-        .map(|r| r.into_inner().container_id)
+    async fn create(&self, rt: &mut Rt, config: ContainerConfig) -> Result<String, tonic::Status> {
+        create(rt, &self.pod, &self.pod_config, &config).await
     }
 
     /// Stops and removes the pod and its containers: berthd's harness
     /// checks that nothing is left.
     async fn finish(self) {
-        let mut rt = self.berthd.runtime().await;
-        rt.stop_pod_sandbox(StopPodSandboxRequest {
-            pod_sandbox_id: self.pod.clone(),
-        })
-        .await
-        .expect("StopPodSandbox");
-        rt.remove_pod_sandbox(RemovePodSandboxRequest {
-            pod_sandbox_id: self.pod.clone(),
-        })
-        .await
-        .expect("RemovePodSandbox");
+        remove_pod(&mut self.cri.runtime().await, &self.pod).await;
     }
 
     /// Creates, starts and waits for the container; returns its log text.
-    async fn run(&self, rt: &mut RuntimeServiceClient<Channel>, config: ContainerConfig) -> String {
-        let name = config.metadata.as_ref().expect("metadata").name.clone();
-        let id = self.create(rt, config).await.expect("CreateContainer");
-        rt.start_container(StartContainerRequest {
-            container_id: id.clone(),
-        })
-        .await
-        .expect("StartContainer");
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let status = rt
-                .container_status(ContainerStatusRequest {
-                    container_id: id.clone(),
-                    verbose: false,
-                })
-                .await
-                .expect("ContainerStatus")
-                .into_inner()
-                .status
-                .expect("status");
-            if status.state == ContainerState::ContainerExited as i32 {
-                break;
-            }
-            assert!(Instant::now() < deadline, "{name} did not exit: {status:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let log = std::fs::read_to_string(self.logs.path().join(format!("{name}.log")))
-            .unwrap_or_default();
-        log.lines()
-            .filter_map(|l| l.splitn(4, ' ').nth(3))
-            .map(|l| format!("{l}\n"))
-            .collect()
+    async fn run(&self, rt: &mut Rt, config: ContainerConfig) -> String {
+        run_to_exit(rt, &self.pod, &self.pod_config, &config).await;
+        self.cri.log(&self.pod_config, &config)
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_cri_containers_get_the_profile_they_ask_for() {
     let node = node().await;
-    let mut rt = node.berthd.runtime().await;
+    let mut rt = node.cri.runtime().await;
     let script = "grep Seccomp: /proc/self/status; mkdir /tmp/d 2>&1 || true; echo end";
     let log = node
         .run(
@@ -667,7 +564,7 @@ async fn through_cri_containers_get_the_profile_they_ask_for() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_cri_a_missing_or_malformed_localhost_profile_fails_create() {
     let node = node().await;
-    let mut rt = node.berthd.runtime().await;
+    let mut rt = node.cri.runtime().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let missing = dir.path().join("missing.json");
     let malformed = dir.path().join("malformed.json");
@@ -964,7 +861,7 @@ fn load_cost() {
 async fn cri_creation_cost() {
     const ROUNDS: usize = 150;
     let node = node().await;
-    let mut rt = node.berthd.runtime().await;
+    let mut rt = node.cri.runtime().await;
     // RuntimeDefault is loaded at create without no_new_privs (Kubernetes'
     // default), at start with it.
     let variants = [

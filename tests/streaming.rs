@@ -7,61 +7,22 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::berthd::Berthd;
+use common::cri_pod::{CriNode, Rt, remove_pod, run_container, run_pod, status, wait_exited};
 use common::cri_stream::{
     CommandInput, CommandResult, SpdyClient, spdy_command, websocket_command,
 };
-use common::fixtures::{self, Fixture};
-use common::registry::Registry;
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
 use sha2::Digest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tonic::transport::Channel;
 
 use berth::stream::spdy::{self, Frame};
 
-struct Node {
-    berthd: Berthd,
-    _registry: Registry,
-    busybox: String,
-    logs: tempfile::TempDir,
-}
+/// How long a container may take to exit.
+const WAIT: Duration = Duration::from_secs(15);
 
-async fn node() -> Node {
-    let registry = Registry::start().expect("registry");
-    let pushed = fixtures::push(&registry, Fixture::BusyboxLatest).expect("push busybox");
-    let berthd = Berthd::start();
-    berthd
-        .images()
-        .await
-        .pull_image(PullImageRequest {
-            image: Some(ImageSpec {
-                image: pushed.reference.clone(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .expect("pull busybox");
-    Node {
-        berthd,
-        _registry: registry,
-        busybox: pushed.reference,
-        logs: tempfile::tempdir().expect("log dir"),
-    }
-}
-
-fn pod_config(node: &Node, name: &str, host_network: bool) -> PodSandboxConfig {
+/// A pod, in the host's network namespace when `host_network`.
+fn pod_config(node: &CriNode, name: &str, host_network: bool) -> PodSandboxConfig {
     PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: name.to_string(),
-            uid: format!("uid-{name}"),
-            namespace: "default".to_string(),
-            attempt: 0,
-        }),
-        hostname: name.to_string(),
-        log_directory: node.logs.path().join(name).display().to_string(),
         linux: host_network.then(|| LinuxPodSandboxConfig {
             security_context: Some(LinuxSandboxSecurityContext {
                 namespace_options: Some(NamespaceOption {
@@ -72,19 +33,8 @@ fn pod_config(node: &Node, name: &str, host_network: bool) -> PodSandboxConfig {
             }),
             ..Default::default()
         }),
-        ..Default::default()
+        ..node.pod_config(name)
     }
-}
-
-async fn run_pod(rt: &mut RuntimeServiceClient<Channel>, config: &PodSandboxConfig) -> String {
-    rt.run_pod_sandbox(RunPodSandboxRequest {
-        config: Some(config.clone()),
-        runtime_handler: String::new(),
-    })
-    .await
-    .expect("RunPodSandbox")
-    .into_inner()
-    .pod_sandbox_id
 }
 
 /// How a test container's stdio is set up.
@@ -95,9 +45,10 @@ struct Stdio {
     tty: bool,
 }
 
+/// Starts a busybox container logging to `<name>/0.log`.
 async fn start_container(
-    node: &Node,
-    rt: &mut RuntimeServiceClient<Channel>,
+    node: &CriNode,
+    rt: &mut Rt,
     pod: &str,
     pod_config: &PodSandboxConfig,
     name: &str,
@@ -105,76 +56,13 @@ async fn start_container(
     stdio: Stdio,
 ) -> String {
     let config = ContainerConfig {
-        metadata: Some(ContainerMetadata {
-            name: name.to_string(),
-            attempt: 0,
-        }),
-        image: Some(ImageSpec {
-            image: node.busybox.clone(),
-            ..Default::default()
-        }),
-        command: command.iter().map(|s| s.to_string()).collect(),
         log_path: format!("{name}/0.log"),
         stdin: stdio.stdin,
         stdin_once: stdio.stdin_once,
         tty: stdio.tty,
-        ..Default::default()
+        ..node.busybox_config(name, command)
     };
-    let id = rt
-        .create_container(CreateContainerRequest {
-            pod_sandbox_id: pod.to_string(),
-            config: Some(config),
-            sandbox_config: Some(pod_config.clone()),
-        })
-        .await
-        .expect("CreateContainer")
-        .into_inner()
-        .container_id;
-    rt.start_container(StartContainerRequest {
-        container_id: id.clone(),
-    })
-    .await
-    .expect("StartContainer");
-    id
-}
-
-async fn state(rt: &mut RuntimeServiceClient<Channel>, id: &str) -> (i32, i32) {
-    let status = rt
-        .container_status(ContainerStatusRequest {
-            container_id: id.to_string(),
-            verbose: false,
-        })
-        .await
-        .expect("ContainerStatus")
-        .into_inner()
-        .status
-        .expect("status");
-    (status.state, status.exit_code)
-}
-
-async fn wait_exited(rt: &mut RuntimeServiceClient<Channel>, id: &str) -> i32 {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let (state, code) = state(rt, id).await;
-        if state == ContainerState::ContainerExited as i32 {
-            return code;
-        }
-        assert!(Instant::now() < deadline, "container {id} did not exit");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn remove_pod(rt: &mut RuntimeServiceClient<Channel>, pod: &str) {
-    rt.stop_pod_sandbox(StopPodSandboxRequest {
-        pod_sandbox_id: pod.to_string(),
-    })
-    .await
-    .expect("StopPodSandbox");
-    rt.remove_pod_sandbox(RemovePodSandboxRequest {
-        pod_sandbox_id: pod.to_string(),
-    })
-    .await
-    .expect("RemovePodSandbox");
+    run_container(rt, pod, pod_config, &config).await
 }
 
 fn exec_request(id: &str, cmd: &[&str], input: &CommandInput) -> ExecRequest {
@@ -188,12 +76,7 @@ fn exec_request(id: &str, cmd: &[&str], input: &CommandInput) -> ExecRequest {
     }
 }
 
-async fn exec_url(
-    rt: &mut RuntimeServiceClient<Channel>,
-    id: &str,
-    cmd: &[&str],
-    input: &CommandInput,
-) -> String {
+async fn exec_url(rt: &mut Rt, id: &str, cmd: &[&str], input: &CommandInput) -> String {
     let url = rt
         .exec(exec_request(id, cmd, input))
         .await
@@ -204,12 +87,7 @@ async fn exec_url(
     url
 }
 
-async fn spdy_exec(
-    rt: &mut RuntimeServiceClient<Channel>,
-    id: &str,
-    cmd: &[&str],
-    input: CommandInput,
-) -> CommandResult {
+async fn spdy_exec(rt: &mut Rt, id: &str, cmd: &[&str], input: CommandInput) -> CommandResult {
     let url = exec_url(rt, id, cmd, &input).await;
     spdy_command(&url, &input).await
 }
@@ -224,7 +102,7 @@ fn output() -> CommandInput {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_over_spdy_streams_output_input_terminal_and_exit_codes() {
-    let node = node().await;
+    let node = CriNode::start().await;
     let mut rt = node.berthd.runtime().await;
     let pc = pod_config(&node, "exec", false);
     let pod = run_pod(&mut rt, &pc).await;
@@ -383,7 +261,7 @@ async fn exec_over_spdy_streams_output_input_terminal_and_exit_codes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_over_websocket_speaks_v5() {
-    let node = node().await;
+    let node = CriNode::start().await;
     let mut rt = node.berthd.runtime().await;
     let pc = pod_config(&node, "wsexec", false);
     let pod = run_pod(&mut rt, &pc).await;
@@ -450,12 +328,7 @@ struct Attach {
 }
 
 impl Attach {
-    async fn open(
-        rt: &mut RuntimeServiceClient<Channel>,
-        id: &str,
-        stdin: bool,
-        tty: bool,
-    ) -> Attach {
+    async fn open(rt: &mut Rt, id: &str, stdin: bool, tty: bool) -> Attach {
         let url = rt
             .attach(AttachRequest {
                 container_id: id.to_string(),
@@ -553,7 +426,7 @@ fn text(bytes: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attach_shares_the_containers_stdio_and_detaches_cleanly() {
-    let node = node().await;
+    let node = CriNode::start().await;
     let mut rt = node.berthd.runtime().await;
     let pc = pod_config(&node, "attach", false);
     let pod = run_pod(&mut rt, &pc).await;
@@ -593,7 +466,7 @@ async fn attach_shares_the_containers_stdio_and_detaches_cleanly() {
         "Success"
     );
     assert_eq!(
-        state(&mut rt, &echo).await.0,
+        status(&mut rt, &echo).await.state,
         ContainerState::ContainerRunning as i32
     );
     let mut second = Attach::open(&mut rt, &echo, true, false).await;
@@ -601,7 +474,7 @@ async fn attach_shares_the_containers_stdio_and_detaches_cleanly() {
     second.read_until(None).await;
     watcher.read_until(Some("out:two")).await;
     assert_eq!(
-        state(&mut rt, &echo).await.0,
+        status(&mut rt, &echo).await.state,
         ContainerState::ContainerRunning as i32
     );
     // The container's exit ends the watcher's attach.
@@ -650,7 +523,7 @@ async fn attach_shares_the_containers_stdio_and_detaches_cleanly() {
     let result = spdy_command(&url, &input).await;
     assert_eq!(result.stdout(), "only once\ncat-done\n");
     assert_eq!(result.exit_code(), 0, "attach reports success");
-    assert_eq!(wait_exited(&mut rt, &once).await, 0);
+    assert_eq!(wait_exited(&mut rt, &once, WAIT).await.exit_code, 0);
 
     // A terminal: input echoed, the size applied, detach leaves it running.
     let shell = start_container(
@@ -674,7 +547,7 @@ async fn attach_shares_the_containers_stdio_and_detaches_cleanly() {
     term.read_until(None).await;
     assert!(term.ended);
     assert_eq!(
-        state(&mut rt, &shell).await.0,
+        status(&mut rt, &shell).await.state,
         ContainerState::ContainerRunning as i32
     );
 
@@ -746,7 +619,7 @@ async fn forward_once(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn port_forward_reaches_the_pods_ports_and_the_hosts() {
-    let node = node().await;
+    let node = CriNode::start().await;
     let mut rt = node.berthd.runtime().await;
     let pc = pod_config(&node, "web", false);
     let pod = run_pod(&mut rt, &pc).await;
@@ -765,7 +638,7 @@ async fn port_forward_reaches_the_pods_ports_and_the_hosts() {
         Stdio::default(),
     )
     .await;
-    let url = |rt: &mut RuntimeServiceClient<Channel>, pod: String| {
+    let url = |rt: &mut Rt, pod: String| {
         let mut rt = rt.clone();
         async move {
             rt.port_forward(PortForwardRequest {

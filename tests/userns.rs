@@ -9,8 +9,7 @@ use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 
 use common::berthd::Berthd;
-use common::fixtures::{self, Fixture};
-use common::registry::Registry;
+use common::cri_pod::{self, CriNode, run_container, run_pod};
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
 use tonic::transport::Channel;
@@ -42,14 +41,6 @@ fn pod_config(
     pid: NamespaceMode,
 ) -> PodSandboxConfig {
     PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: name.to_string(),
-            uid: format!("uid-{name}"),
-            namespace: "default".to_string(),
-            attempt: 0,
-        }),
-        hostname: name.to_string(),
-        log_directory: logs.display().to_string(),
         linux: Some(LinuxPodSandboxConfig {
             sysctls: HashMap::from([
                 (
@@ -68,7 +59,7 @@ fn pod_config(
             }),
             ..Default::default()
         }),
-        ..Default::default()
+        ..cri_pod::pod_config("default", name, logs, Vec::new())
     }
 }
 
@@ -91,31 +82,10 @@ async fn exec(rt: &mut RuntimeServiceClient<Channel>, id: &str, cmd: &str) -> St
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-async fn run_pod(rt: &mut RuntimeServiceClient<Channel>, pc: &PodSandboxConfig) -> String {
-    rt.run_pod_sandbox(RunPodSandboxRequest {
-        config: Some(pc.clone()),
-        runtime_handler: String::new(),
-    })
-    .await
-    .expect("RunPodSandbox")
-    .into_inner()
-    .pod_sandbox_id
-}
-
 /// A long-running busybox container with the pod's namespace options, as
 /// kubelet passes them.
 fn app(image: &str, pc: &PodSandboxConfig) -> ContainerConfig {
     ContainerConfig {
-        metadata: Some(ContainerMetadata {
-            name: "app".to_string(),
-            attempt: 0,
-        }),
-        image: Some(ImageSpec {
-            image: image.to_string(),
-            ..Default::default()
-        }),
-        command: vec!["sleep".into(), "3600".into()],
-        log_path: "app.log".to_string(),
         linux: pc.linux.as_ref().map(|l| LinuxContainerConfig {
             security_context: Some(LinuxContainerSecurityContext {
                 namespace_options: l
@@ -126,22 +96,14 @@ fn app(image: &str, pc: &PodSandboxConfig) -> ContainerConfig {
             }),
             ..Default::default()
         }),
-        ..Default::default()
+        ..cri_pod::container_config(image, "app", &["sleep", "3600"])
     }
-}
-
-/// A berthd holding busybox, pushed to a registry of its own.
-async fn node() -> (Registry, Berthd, String) {
-    let registry = Registry::start().expect("registry");
-    let busybox = fixtures::push(&registry, Fixture::BusyboxLatest).expect("push busybox");
-    let berthd = Berthd::start();
-    berthd.pull(&busybox.reference).await;
-    (registry, berthd, busybox.reference)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_namespaced_pod_maps_root_its_rootfs_and_volumes() {
-    let (_registry, berthd, busybox) = node().await;
+    let node = CriNode::start().await;
+    let (berthd, busybox) = (&node.berthd, &node.busybox);
     let mut rt = berthd.runtime().await;
     let status = rt
         .status(StatusRequest { verbose: false })
@@ -157,12 +119,11 @@ async fn a_user_namespaced_pod_maps_root_its_rootfs_and_volumes() {
         status.runtime_handlers
     );
 
-    let logs = tempfile::tempdir().expect("log dir");
     let volume = tempfile::tempdir().expect("volume");
     // As kubelet asks by default: a PID namespace per container.
     let pc = pod_config(
         "userns",
-        logs.path(),
+        node.logs.path(),
         user_namespace(vec![mapping(0)]),
         NamespaceMode::Container,
     );
@@ -175,9 +136,9 @@ async fn a_user_namespaced_pod_maps_root_its_rootfs_and_volumes() {
             host_path: volume.path().display().to_string(),
             ..Default::default()
         }],
-        ..app(&busybox, &pc)
+        ..app(busybox, &pc)
     };
-    let id = berthd.run_container(&pod, &pc, config).await;
+    let id = run_container(&mut rt, &pod, &pc, &config).await;
 
     // Root inside, a mapped uid outside.
     assert_eq!(exec(&mut rt, &id, "id -u").await, "0");
@@ -307,17 +268,17 @@ async fn what_cri_forbids_for_user_namespaces_is_invalid() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shared_pid_namespace_has_a_jailed_infra_owned_by_the_user_namespace() {
-    let (_registry, berthd, busybox) = node().await;
+    let node = CriNode::start().await;
+    let (berthd, busybox) = (&node.berthd, &node.busybox);
     let mut rt = berthd.runtime().await;
-    let logs = tempfile::tempdir().expect("log dir");
     let pc = pod_config(
         "shared",
-        logs.path(),
+        node.logs.path(),
         user_namespace(vec![mapping(0)]),
         NamespaceMode::Pod,
     );
     let pod = run_pod(&mut rt, &pc).await;
-    let id = berthd.run_container(&pod, &pc, app(&busybox, &pc)).await;
+    let id = run_container(&mut rt, &pod, &pc, &app(busybox, &pc)).await;
     // The container's /proc mounted: the pod's PID namespace is owned by
     // its user namespace. PID 1 is berth's infra, as the pod's root with no
     // capability, and its root (an empty directory) is closed to the pod.

@@ -11,10 +11,7 @@ use std::time::{Duration, Instant};
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use k8s_cri::v1::{
-    ContainerConfig, CreateContainerRequest, ImageSpec, PodSandboxConfig, PullImageRequest,
-    StartContainerRequest,
-};
+use k8s_cri::v1::{ImageSpec, PullImageRequest};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -202,32 +199,6 @@ impl Berthd {
             })
             .await
             .unwrap_or_else(|e| panic!("pull {reference}: {e}"));
-    }
-
-    /// Creates a container in `pod` and starts it; returns its id.
-    pub async fn run_container(
-        &self,
-        pod: &str,
-        pod_config: &PodSandboxConfig,
-        config: ContainerConfig,
-    ) -> String {
-        let mut rt = self.runtime().await;
-        let id = rt
-            .create_container(CreateContainerRequest {
-                pod_sandbox_id: pod.to_string(),
-                config: Some(config),
-                sandbox_config: Some(pod_config.clone()),
-            })
-            .await
-            .expect("CreateContainer")
-            .into_inner()
-            .container_id;
-        rt.start_container(StartContainerRequest {
-            container_id: id.clone(),
-        })
-        .await
-        .expect("StartContainer");
-        id
     }
 
     /// Everything of this instance still on the host; empty when all is clean.

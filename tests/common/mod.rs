@@ -8,6 +8,5 @@ pub mod bundle;
 pub mod cri_pod;
 pub mod cri_stream;
 pub mod fixtures;
-pub mod pods;
 pub mod registry;
 pub mod token_server;
