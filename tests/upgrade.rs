@@ -11,25 +11,21 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::berthd::{Berthd, BerthdOptions};
+use common::cri_pod::{container_config, create, pod_config, run_pod, start, status_pid};
 use common::fixtures::{self, Fixture};
 use common::registry::Registry;
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
 use nix::sys::signal::Signal;
-use tonic::transport::Channel;
 
 /// The build to upgrade from: the last commit that landed before this test,
 /// monitor protocol 2. Move it forward when the monitor protocol or the
 /// records change, so the step a real upgrade takes is the one tested.
 const UPGRADE_FROM: &str = "9e724333020db1f964d333f3188ebe40e3ede64a";
-
-type Rt = RuntimeServiceClient<Channel>;
 
 fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
@@ -77,79 +73,10 @@ fn old_berthd() -> PathBuf {
     exe
 }
 
-fn pod_config(logs: &Path) -> PodSandboxConfig {
-    PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: "upgraded".to_string(),
-            uid: "uid-upgraded".to_string(),
-            namespace: "default".to_string(),
-            attempt: 0,
-        }),
-        log_directory: logs.display().to_string(),
-        ..Default::default()
-    }
-}
-
-fn container_config(image: &str, name: &str, script: &str) -> ContainerConfig {
-    ContainerConfig {
-        metadata: Some(ContainerMetadata {
-            name: name.to_string(),
-            attempt: 0,
-        }),
-        image: Some(ImageSpec {
-            image: image.to_string(),
-            ..Default::default()
-        }),
-        command: vec!["sh".into(), "-c".into(), script.into()],
-        log_path: format!("{name}.log"),
-        labels: HashMap::from([("container".to_string(), name.to_string())]),
-        ..Default::default()
-    }
-}
-
 /// Writes a line every 0.1 s; exits 143 on SIGTERM (it is no PID 1 here,
 /// but sh would otherwise wait for its sleep).
 const TICKER: &str =
     "trap 'exit 143' TERM; i=0; while :; do i=$((i+1)); echo tick$i; sleep 0.1; done";
-
-async fn create(rt: &mut Rt, pod: &str, config: &PodSandboxConfig, c: ContainerConfig) -> String {
-    rt.create_container(CreateContainerRequest {
-        pod_sandbox_id: pod.to_string(),
-        config: Some(c),
-        sandbox_config: Some(config.clone()),
-    })
-    .await
-    .expect("CreateContainer")
-    .into_inner()
-    .container_id
-}
-
-async fn start(rt: &mut Rt, id: &str) {
-    rt.start_container(StartContainerRequest {
-        container_id: id.to_string(),
-    })
-    .await
-    .expect("StartContainer");
-}
-
-/// State, exit code and the init's host pid (from the verbose info).
-async fn status(rt: &mut Rt, id: &str) -> (ContainerStatus, i64) {
-    let reply = rt
-        .container_status(ContainerStatusRequest {
-            container_id: id.to_string(),
-            verbose: true,
-        })
-        .await
-        .expect("ContainerStatus")
-        .into_inner();
-    let pid = reply
-        .info
-        .get("info")
-        .and_then(|i| serde_json::from_str::<serde_json::Value>(i).ok())
-        .and_then(|v| v["pid"].as_i64())
-        .unwrap_or(0);
-    (reply.status.expect("a status"), pid)
-}
 
 fn log_lines(path: &str) -> usize {
     std::fs::read_to_string(path).map_or(0, |t| t.lines().count())
@@ -169,45 +96,32 @@ async fn a_newer_berthd_adopts_the_monitors_of_an_older_build() {
     berthd.exe = old.clone();
     tokio::task::block_in_place(|| berthd.spawn());
 
-    berthd
-        .images()
-        .await
-        .pull_image(PullImageRequest {
-            image: Some(ImageSpec {
-                image: busybox.clone(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .expect("pull busybox with the old build");
+    berthd.pull(&busybox).await;
     let mut rt = berthd.runtime().await;
-    let config = pod_config(logs.path());
-    let pod = rt
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(config.clone()),
-            runtime_handler: String::new(),
-        })
-        .await
-        .expect("RunPodSandbox")
-        .into_inner()
-        .pod_sandbox_id;
+    let config = pod_config("default", "upgraded", logs.path(), Vec::new());
+    let pod = run_pod(&mut rt, &config).await;
     let ticker = create(
         &mut rt,
         &pod,
         &config,
-        container_config(&busybox, "ticker", TICKER),
+        &container_config(&busybox, "ticker", &["sh", "-c", TICKER]),
     )
-    .await;
+    .await
+    .expect("create the ticker");
     start(&mut rt, &ticker).await;
     let waiting = create(
         &mut rt,
         &pod,
         &config,
-        container_config(&busybox, "waiting", "echo started late; exit 3"),
+        &container_config(
+            &busybox,
+            "waiting",
+            &["sh", "-c", "echo started late; exit 3"],
+        ),
     )
-    .await;
-    let (before, pid) = status(&mut rt, &ticker).await;
+    .await
+    .expect("create the waiting container");
+    let (before, pid) = status_pid(&mut rt, &ticker).await.expect("status");
     assert_eq!(before.state, ContainerState::ContainerRunning as i32);
     assert!(pid > 0, "the old build reports the init's pid");
     let monitor_exe = |id: &str| -> PathBuf {
@@ -237,7 +151,7 @@ async fn a_newer_berthd_adopts_the_monitors_of_an_older_build() {
     tokio::task::block_in_place(|| berthd.spawn());
     let mut rt = berthd.runtime().await;
 
-    let (after, pid_after) = status(&mut rt, &ticker).await;
+    let (after, pid_after) = status_pid(&mut rt, &ticker).await.expect("status");
     assert_eq!(after.state, ContainerState::ContainerRunning as i32);
     assert_eq!(pid_after, pid, "the same process runs on");
     assert_eq!(after.started_at, before.started_at);
@@ -270,7 +184,7 @@ async fn a_newer_berthd_adopts_the_monitors_of_an_older_build() {
     start(&mut rt, &waiting).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     let waited = loop {
-        let (s, _) = status(&mut rt, &waiting).await;
+        let (s, _) = status_pid(&mut rt, &waiting).await.expect("status");
         if s.state == ContainerState::ContainerExited as i32 || Instant::now() >= deadline {
             break s;
         }
@@ -296,7 +210,7 @@ async fn a_newer_berthd_adopts_the_monitors_of_an_older_build() {
     })
     .await
     .expect("StopContainer");
-    let (stopped, _) = status(&mut rt, &ticker).await;
+    let (stopped, _) = status_pid(&mut rt, &ticker).await.expect("status");
     assert_eq!(
         (stopped.state, stopped.exit_code),
         (ContainerState::ContainerExited as i32, 143),
