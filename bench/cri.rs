@@ -35,6 +35,8 @@ const POD_PSS_RATIO_TARGET: f64 = 0.15;
 const IDLE_RSS_TARGET_MIB: f64 = 15.0;
 const LIST_RATIO_TARGET: f64 = 1.0;
 const NETWORK_RATIO_TARGET: f64 = 0.5;
+/// ... and the streaming exec round trip (p50, sequential).
+const EXEC_STREAM_RATIO_TARGET: f64 = 0.5;
 
 const USAGE: &str = "usage: cargo bench --bench cri -- [OPTIONS] [FILTER]
   --samples N      cold pulls per image and runtime (default 5)
@@ -44,7 +46,8 @@ const USAGE: &str = "usage: cargo bench --bench cri -- [OPTIONS] [FILTER]
   --net-samples N  network set-ups and teardowns per side and configuration (default 50)
   --keep-logs DIR  copy every daemon's log into DIR
   FILTER           run only the workloads whose name contains FILTER:
-                   busybox, big (image pulls), pods, network
+                   busybox, big (image pulls), pods, network; exec: only the
+                   sequential pod lives of the pod workload (ExecSync, streaming Exec)
   env BERTH_BENCH_RUST_LOG  RUST_LOG for berthd, e.g. berth=debug
   env BERTH_BENCH_BERTHD    another berthd executable to measure instead of this build's";
 
@@ -68,6 +71,7 @@ impl Options {
                 few: 10,
                 many: 100,
                 list_samples: 50,
+                only_sequential: false,
             },
             net_samples: 50,
             keep_logs: None,
@@ -178,6 +182,13 @@ async fn run_workloads(
         .filter(|n| options.wants(n))
         .collect();
     let want_pods = options.wants("pods");
+    // `exec` is a part of the pod workload: its sequential pod lives alone.
+    let only_sequential = !want_pods && options.wants("exec");
+    let want_pods = want_pods || only_sequential;
+    let plan = pods::Plan {
+        only_sequential,
+        ..options.plan.clone()
+    };
     let want_network = options.wants("network");
     if want_images.is_empty() && !want_pods && !want_network {
         return Err(format!("no workload matches the filter\n{USAGE}"));
@@ -233,7 +244,7 @@ async fn run_workloads(
     let mut pod_results = None;
     if want_pods {
         eprintln!("cri benchmark: pods (load average {})", procfs::loadavg());
-        let r = pods::run(&setup, &options.plan, &small.reference, &mut idle_rss).await;
+        let r = pods::run(&setup, &plan, &small.reference, &mut idle_rss).await;
         let r = r?;
         leftovers.extend(r.leftovers.iter().cloned());
         pod_results = Some(r);
@@ -299,8 +310,20 @@ async fn run_workloads(
             if targets {
                 rows.push(Row::new(&p.exec, Pick::P50));
                 rows.push(Row::new(&p.exec, Pick::P95));
+                rows.push(
+                    Row::new(&p.exec_stream, Pick::P50)
+                        .target(Target::RatioAtMost(EXEC_STREAM_RATIO_TARGET)),
+                );
+                rows.push(Row::new(&p.exec_stream, Pick::P95));
+                rows.push(Row::new(&p.exec_url, Pick::P50));
+                rows.push(Row::new(&p.exec_url, Pick::P95));
+            }
+            if plan.only_sequential {
+                break;
             }
         }
+    }
+    if let Some(p) = pod_results.as_ref().filter(|_| !plan.only_sequential) {
         rows.push(Row::new(&p.batch_start, Pick::P50));
         rows.push(Row::new(&p.batch_stop, Pick::P50));
         for m in [&p.list_containers, &p.list_pods] {
@@ -321,11 +344,14 @@ async fn run_workloads(
             }
         }
         rows.push(Row::new(&p.rss_after, Pick::P50));
-        for lifecycle in [&p.sequential, &p.concurrent] {
-            raw.extend(lifecycle.metrics());
-        }
+    }
+    if let Some(p) = &pod_results {
+        raw.extend(p.sequential.metrics());
+        raw.extend([&p.exec, &p.exec_stream, &p.exec_url]);
+    }
+    if let Some(p) = pod_results.as_ref().filter(|_| !plan.only_sequential) {
+        raw.extend(p.concurrent.metrics());
         raw.extend([
-            &p.exec,
             &p.batch_start,
             &p.batch_stop,
             &p.list_containers,
@@ -382,20 +408,30 @@ async fn run_workloads(
         );
     }
     if pod_results.is_some() {
-        let plan = &options.plan;
+        let phases = if plan.only_sequential {
+            format!(
+                "{} warm-up pod lives, {} sequential (the `exec` filter: nothing else)",
+                plan.warmup, plan.sequential
+            )
+        } else {
+            format!(
+                "{} warm-up pod lives, {} sequential, {} rounds of {} at once, memory at {} and \
+                 {} running pods, {} list calls of each kind",
+                plan.warmup,
+                plan.sequential,
+                plan.rounds,
+                plan.concurrency,
+                plan.few,
+                plan.many.max(plan.few),
+                plan.list_samples
+            )
+        };
         let _ = writeln!(
             out,
             "- pods: one busybox `sleep` container each, kubelet's namespaces (pod network and IPC, \
              own PID namespace); both daemons side by side, the one that goes first alternating; \
-             {} warm-up pod lives, {} sequential, {} rounds of {} at once, memory at {} and {} \
-             running pods, {} list calls of each kind",
-            plan.warmup,
-            plan.sequential,
-            plan.rounds,
-            plan.concurrency,
-            plan.few,
-            plan.many.max(plan.few),
-            plan.list_samples
+             {phases}; one ExecSync and one streaming Exec (SPDY/3.1, v4.channel.k8s.io, the \
+             tests' client) of `true` in each sequential pod"
         );
     }
     if net_results.is_some() {
@@ -413,7 +449,7 @@ async fn run_workloads(
     );
     let _ = writeln!(out);
     out.push_str(&report::table(&rows));
-    if let Some(p) = &pod_results {
+    if let Some(p) = pod_results.as_ref().filter(|p| !p.breakdown.is_empty()) {
         let _ = writeln!(out);
         let _ = writeln!(out, "What the memory and list figures are made of:");
         let _ = writeln!(out);

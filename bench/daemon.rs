@@ -709,6 +709,9 @@ fn berth_config(
 /// CAP_SYS_RESOURCE, so runc cannot give the pause process containerd's
 /// oom_score_adj of -998 and every RunPodSandbox fails; restricted, the pause
 /// gets containerd's own score (0) instead, which changes nothing measured.
+/// Its stream server (Exec URLs) is containerd's default, written out: plain
+/// HTTP on 127.0.0.1, port 0 (a free one each start, which the URLs name),
+/// as berth's stream server by default.
 fn containerd_config(
     root: &Path,
     state: &Path,
@@ -731,6 +734,9 @@ fn containerd_config(
          [plugins]\n\
          \x20 [plugins.\"io.containerd.grpc.v1.cri\"]\n\
          \x20   restrict_oom_score_adj = true\n\
+         \x20   stream_server_address = \"127.0.0.1\"\n\
+         \x20   stream_server_port = \"0\"\n\
+         \x20   enable_tls_streaming = false\n\
          {sandbox_image}\
          \x20   [plugins.\"io.containerd.grpc.v1.cri\".cni]\n\
          \x20     bin_dir = \"{CNI_BIN_DIR}\"\n\

@@ -8,11 +8,12 @@
 //!
 //! 1. warm-up: a few whole pod lives in each runtime, not recorded;
 //! 2. sequential: per sample, in each runtime, RunPodSandbox, CreateContainer,
-//!    StartContainer, one ExecSync of `true`, StopContainer (timeout 0: the
-//!    `sleep` is PID 1 of its PID namespace and ignores SIGTERM, so a grace
-//!    period would only measure the grace period), StopPodSandbox and
-//!    RemovePodSandbox (which removes the container), each timed from the
-//!    client;
+//!    StartContainer, one ExecSync of `true`, one streaming Exec of `true`
+//!    (below), StopContainer (timeout 0: the `sleep` is PID 1 of its PID
+//!    namespace and ignores SIGTERM, so a grace period would only measure the
+//!    grace period), StopPodSandbox and RemovePodSandbox (which removes the
+//!    container), each timed from the client; with `Plan::only_sequential`
+//!    (the `exec` filter) the workload ends here;
 //! 3. concurrent: per round, in each runtime, the same start of N pods at
 //!    once, then their stop and removal at once; each call timed, and the
 //!    wall time of the whole batch;
@@ -32,11 +33,22 @@
 //! memory at N pods is (daemon + helpers + infrastructure at N pods, minus
 //! the same with no pod) / N; the containers' own `sleep` processes, the same
 //! in both runtimes, are left out.
+//!
+//! A streaming exec is what `crictl exec` and kubelet do: the CRI Exec call
+//! (stdout and stderr, no tty, no stdin) gives a URL on the runtime's stream
+//! server; the client upgrades to SPDY/3.1 with `v4.channel.k8s.io`, opens
+//! the error, stdout and stderr streams and reads until the error stream has
+//! carried the exit status (a JSON Status) and every stream ended (FIN, a
+//! reset, or the connection closing). The same client in both runtimes: the
+//! tests' (tests/common/cri_stream.rs). Timed from the Exec call to the
+//! arrival of the exit status, and the Exec call alone.
 
 use std::collections::HashSet;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+use crate::common::cri_stream::{self, CommandInput};
 
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
@@ -69,6 +81,8 @@ pub struct Plan {
     /// The larger pod count memory is read at, and the list calls run with.
     pub many: usize,
     pub list_samples: usize,
+    /// Only the warm-up and the sequential pod lives (the `exec` filter).
+    pub only_sequential: bool,
 }
 
 /// Timings of one pod life's calls, per call.
@@ -137,6 +151,10 @@ pub struct PerPod {
 pub struct Results {
     pub sequential: Lifecycle,
     pub exec: Metric,
+    /// Streaming exec: Exec call to the exit status on the error stream.
+    pub exec_stream: Metric,
+    /// The Exec call of it alone (until the URL came back).
+    pub exec_url: Metric,
     pub concurrent: Lifecycle,
     /// Wall time of starting (and of stopping) a whole concurrent batch.
     pub batch_start: Metric,
@@ -163,6 +181,14 @@ pub async fn run(
     let mut results = Results {
         sequential: Lifecycle::new("sequential"),
         exec: Metric::new("ExecSync `true`, sequential", Unit::Seconds),
+        exec_stream: Metric::new(
+            "Exec `true` streaming (SPDY, v4.channel.k8s.io): Exec call to exit status, sequential",
+            Unit::Seconds,
+        ),
+        exec_url: Metric::new(
+            "Exec `true` streaming: the Exec call alone (URL back), sequential",
+            Unit::Seconds,
+        ),
         concurrent: Lifecycle::new(&format!("{} pods at once", plan.concurrency)),
         batch_start: Metric::new(
             format!("start of {} pods at once, wall time", plan.concurrency),
@@ -249,6 +275,7 @@ async fn phases(
         for node in in_turn(nodes, i) {
             let pod = node.start_pod().await?.0;
             node.exec_true(&pod).await?;
+            node.exec_streaming_true(&pod).await?;
             node.stop_pod(&pod).await?;
         }
     }
@@ -262,9 +289,12 @@ async fn phases(
         for node in in_turn(nodes, i) {
             let (pod, started) = node.start_pod().await?;
             let exec = node.exec_true(&pod).await?;
+            let (url, round_trip) = node.exec_streaming_true(&pod).await?;
             let stopped = node.stop_pod(&pod).await?;
             results.sequential.push_start(node.runtime, &started);
             results.exec.push(node.runtime, exec);
+            results.exec_stream.push(node.runtime, round_trip);
+            results.exec_url.push(node.runtime, url);
             results.sequential.push_stop(node.runtime, &stopped);
         }
         if (i + 1) % 10 == 0 {
@@ -273,6 +303,9 @@ async fn phases(
                 &results.sequential,
             );
         }
+    }
+    if plan.only_sequential {
+        return Ok(());
     }
 
     eprintln!(
@@ -518,6 +551,83 @@ impl Node {
             ));
         }
         Ok(seconds)
+    }
+
+    /// A streaming exec of `true` (module comment); returns the time of the
+    /// Exec call alone and the round trip from it to the exit status.
+    async fn exec_streaming_true(&mut self, pod: &PodIds) -> Result<(f64, f64), String> {
+        let started = Instant::now();
+        let url = call(
+            &self.daemon,
+            "Exec true",
+            self.client.exec(ExecRequest {
+                container_id: pod.container.clone(),
+                cmd: vec!["true".to_string()],
+                tty: false,
+                stdin: false,
+                stdout: true,
+                stderr: true,
+            }),
+        )
+        .await?
+        .url;
+        let url_time = started.elapsed().as_secs_f64();
+        let fail = |e: String| {
+            format!(
+                "{} streaming exec at {url}: {e}; its log ends:\n{}",
+                self.runtime.name(),
+                self.daemon.log_tail(20)
+            )
+        };
+        let input = CommandInput {
+            stdout: true,
+            stderr: true,
+            ..Default::default()
+        };
+        // The tests' client panics on what it does not expect; in a task of
+        // its own a panic is an error here, and the daemons still get
+        // cleaned up in order.
+        let mut session = tokio::spawn({
+            let url = url.clone();
+            async move { cri_stream::spdy_command(&url, &input).await }
+        });
+        let joined = tokio::select! {
+            r = tokio::time::timeout(CALL_TIMEOUT, &mut session) => r,
+            () = procfs::interrupted() => {
+                session.abort();
+                return Err("interrupted".to_string());
+            }
+        };
+        let result = match joined {
+            Err(_) => {
+                session.abort();
+                return Err(fail(format!("no end within {CALL_TIMEOUT:?}")));
+            }
+            Ok(Err(e)) if e.is_panic() => {
+                let panic = e.into_panic();
+                let message = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("panic");
+                return Err(fail(message.to_string()));
+            }
+            Ok(Err(e)) => return Err(fail(e.to_string())),
+            Ok(Ok(result)) => result,
+        };
+        let status: serde_json::Value = serde_json::from_slice(&result.error).map_err(|e| {
+            fail(format!(
+                "the error stream holds no JSON status ({e}): {:?}",
+                String::from_utf8_lossy(&result.error)
+            ))
+        })?;
+        if status["status"] != "Success" {
+            return Err(fail(format!("`true` did not succeed: {status}")));
+        }
+        let at = result
+            .error_at
+            .ok_or_else(|| fail("no exit status".to_string()))?;
+        Ok((url_time, at.duration_since(started).as_secs_f64()))
     }
 
     async fn stop_pod(&mut self, pod: &PodIds) -> Result<StopTimes, String> {

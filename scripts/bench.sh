@@ -5,7 +5,8 @@
 # builds berthd in release mode and prints one table. Needs root.
 #   scripts/bench.sh [--samples N] [--pods N] [--rounds N] [--many N]
 #                    [--net-samples N] [--keep-logs DIR] [FILTER]
-# FILTER: busybox, big (image pulls), pods, network; none runs everything.
+# FILTER: busybox, big (image pulls), pods, network, exec (the sequential pod
+# lives alone); none runs everything.
 set -eu
 cd "$(dirname "$0")/.."
 

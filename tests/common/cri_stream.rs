@@ -5,7 +5,7 @@
 //! side.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use berth::stream::spdy::{self, Frame, FrameReader, FrameWriter, Headers};
 use berth::stream::websocket::{self, Decoder, Message};
@@ -208,6 +208,9 @@ pub struct CommandResult {
     pub stderr: Vec<u8>,
     /// The error channel: a JSON Status (v4, v5), empty or text before.
     pub error: Vec<u8>,
+    /// When the last bytes of the error channel arrived (the exit status);
+    /// the end of an exec round trip (the benchmark times to it).
+    pub error_at: Option<Instant>,
 }
 
 impl CommandResult {
@@ -303,14 +306,25 @@ pub async fn spdy_command(url: &str, input: &CommandInput) -> CommandResult {
                     result.stdout.extend_from_slice(&data);
                 } else if Some(stream_id) == stderr {
                     result.stderr.extend_from_slice(&data);
-                } else if stream_id == error {
+                } else if stream_id == error && !data.is_empty() {
                     result.error.extend_from_slice(&data);
+                    result.error_at = Some(Instant::now());
                 }
                 if flags & spdy::FLAG_FIN != 0 {
                     open.retain(|&id| id != stream_id);
                 }
             }
-            Some(Frame::SynReply { .. } | Frame::Ping { .. } | Frame::GoAway { .. }) => {}
+            // A reset ends a stream as client-go reads it: containerd's
+            // (kubelet's) stream server resets every stream when it closes
+            // the connection after the exit status.
+            Some(Frame::RstStream { stream_id, .. }) => open.retain(|&id| id != stream_id),
+            Some(
+                Frame::SynReply { .. }
+                | Frame::Ping { .. }
+                | Frame::GoAway { .. }
+                | Frame::Settings { .. }
+                | Frame::WindowUpdate { .. },
+            ) => {}
             Some(other) => panic!("unexpected frame {other:?}"),
             None => break,
         }
@@ -409,7 +423,10 @@ pub async fn websocket_command(url: &str, input: &CommandInput) -> CommandResult
             Some(Message::Binary(data)) => match data.first() {
                 Some(1) => result.stdout.extend_from_slice(&data[1..]),
                 Some(2) => result.stderr.extend_from_slice(&data[1..]),
-                Some(3) => result.error.extend_from_slice(&data[1..]),
+                Some(3) => {
+                    result.error.extend_from_slice(&data[1..]);
+                    result.error_at = Some(Instant::now());
+                }
                 _ => {}
             },
             Some(Message::Close(code)) => {
