@@ -18,6 +18,7 @@ mod rootfs;
 pub mod seccomp;
 pub mod spec;
 pub mod stats;
+pub mod systemd;
 pub mod user;
 pub mod userns;
 
