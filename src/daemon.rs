@@ -298,7 +298,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     }
     runtime_for_shutdown.shut_down();
     // The parent of pod cgroups goes when no pod is left in it.
-    cgroups.remove_if_empty(&config.cgroup.parent);
+    cgroups.remove_if_empty(&runtime_for_shutdown.parent_cgroup());
     tracing::info!("berthd stopped");
     match result {
         Ok(served) => served.map_err(DaemonError::from),

@@ -110,6 +110,24 @@ pub fn scope_path(slice_path: &str, id: &str) -> String {
     }
 }
 
+/// The pod id in the name of a pod slice berth made under `parent` (the
+/// inverse of `pod_slice`); none for any other unit in that slice.
+pub fn pod_of_slice<'a>(parent: &str, name: &'a str) -> Option<&'a str> {
+    let prefix = match parent.strip_suffix(".slice")? {
+        "-" => "pod".to_string(),
+        stem => format!("{stem}-pod"),
+    };
+    let id = name.strip_prefix(prefix.as_str())?.strip_suffix(".slice")?;
+    (!id.is_empty() && !id.contains('-')).then_some(id)
+}
+
+/// The id in the name of a scope berth made (the inverse of `scope_name`);
+/// none for any other unit.
+pub fn id_of_scope(name: &str) -> Option<&str> {
+    let id = name.strip_prefix("berth-")?.strip_suffix(".scope")?;
+    (!id.is_empty()).then_some(id)
+}
+
 /// The last component of a cgroup path that systemd expanded from a unit
 /// name: the unit's name (`a.slice/a-b.slice` is `a-b.slice`).
 pub fn unit_of(path: &str) -> &str {
@@ -237,7 +255,8 @@ pub struct Systemd {
 
 impl Systemd {
     pub fn connect() -> Result<Systemd, SystemdError> {
-        let conn = zbus::blocking::Connection::system().map_err(|e| SystemdError::Connect(Box::new(e)))?;
+        let conn =
+            zbus::blocking::Connection::system().map_err(|e| SystemdError::Connect(Box::new(e)))?;
         // systemd sends JobRemoved on the system bus only while some client
         // is subscribed; berth waits for it, so it subscribes itself.
         conn.call_method(Some(DESTINATION), PATH, Some(MANAGER), "Subscribe", &())
@@ -411,6 +430,23 @@ mod tests {
         assert_eq!(scope_path("", "c0ffee"), "berth-c0ffee.scope");
         assert_eq!(unit_of(&slice), "kubepods-besteffort-pod1.slice");
         assert_eq!(unit_of(&scope_path(&slice, "c0")), "berth-c0.scope");
+    }
+
+    #[test]
+    fn berths_own_units_are_told_from_others_by_name() {
+        let slice = pod_slice("system-berth.slice", "ab12").unwrap();
+        assert_eq!(pod_of_slice("system-berth.slice", &slice), Some("ab12"));
+        assert_eq!(pod_of_slice("-.slice", "podab12.slice"), Some("ab12"));
+        for other in [
+            "system-berth-x.slice",
+            "system-berth-pod.slice",
+            "cron.service",
+        ] {
+            assert_eq!(pod_of_slice("system-berth.slice", other), None, "{other}");
+        }
+        assert_eq!(id_of_scope(&scope_name("c0ffee")), Some("c0ffee"));
+        assert_eq!(id_of_scope("session-1.scope"), None);
+        assert_eq!(id_of_scope("berth-.scope"), None);
     }
 
     #[test]
