@@ -271,16 +271,13 @@ impl Systemd {
     /// Starts a transient unit and waits for its job. A unit that already
     /// exists (a restart re-making what is there) counts as started.
     pub fn start(&self, unit: &str, props: &Properties) -> Result<(), SystemdError> {
-        let properties: Vec<(&str, zbus::zvariant::Value<'_>)> =
-            props.iter().map(|(k, v)| (*k, v.value())).collect();
-        let aux: Vec<(&str, Vec<(&str, zbus::zvariant::Value<'_>)>)> = Vec::new();
         let call = |unit: &str| {
             self.conn.call_method(
                 Some(DESTINATION),
                 PATH,
                 Some(MANAGER),
                 "StartTransientUnit",
-                &(unit, "replace", &properties, &aux),
+                &start_transient_unit_args(unit, props),
             )
         };
         match self.run_job(unit, "StartTransientUnit", call) {
@@ -361,6 +358,24 @@ impl Systemd {
             }),
         }
     }
+}
+
+type UnitProperties<'a> = Vec<(&'a str, zbus::zvariant::Value<'a>)>;
+
+/// The arguments of `StartTransientUnit(s name, s mode, a(sv) properties,
+/// a(sa(sv)) aux)`; mode `replace`, as runc starts units, and no auxiliary
+/// units.
+fn start_transient_unit_args<'a>(
+    unit: &'a str,
+    props: &'a Properties,
+) -> (
+    &'a str,
+    &'static str,
+    UnitProperties<'a>,
+    Vec<(&'a str, UnitProperties<'a>)>,
+) {
+    let properties = props.iter().map(|(k, v)| (*k, v.value())).collect();
+    (unit, "replace", properties, Vec::new())
 }
 
 fn is_error(e: &zbus::Error, name: &str) -> bool {
@@ -512,6 +527,40 @@ mod tests {
                 .iter()
                 .any(|(k, _)| k.starts_with("CPUQuota") || *k == "MemoryMax")
         );
+    }
+
+    #[test]
+    fn the_start_call_has_systemds_signature() {
+        let props = scope_properties(
+            "p.slice",
+            "c1",
+            42,
+            CgroupVersion::V1,
+            &Resources::default(),
+        );
+        let msg = zbus::message::Message::method_call(PATH, "StartTransientUnit")
+            .and_then(|b| b.destination(DESTINATION))
+            .and_then(|b| b.interface(MANAGER))
+            .and_then(|b| b.build(&start_transient_unit_args("berth-c1.scope", &props)))
+            .expect("message");
+        let body = msg.body();
+        // The wire form: the body's fields without the struct's parentheses.
+        assert_eq!(body.signature().to_string_no_parens(), "ssa(sv)a(sa(sv))");
+        type Sent = Vec<(String, zbus::zvariant::OwnedValue)>;
+        let (unit, mode, sent, aux): (String, String, Sent, Vec<(String, Sent)>) =
+            body.deserialize().expect("decode");
+        assert_eq!(
+            (unit.as_str(), mode.as_str()),
+            ("berth-c1.scope", "replace")
+        );
+        assert!(aux.is_empty());
+        let pids = sent.iter().find(|(k, _)| k == "PIDs").expect("PIDs");
+        assert_eq!(pids.1.value_signature().to_string(), "au");
+        let delegate = sent
+            .iter()
+            .find(|(k, _)| k == "Delegate")
+            .expect("Delegate");
+        assert_eq!(bool::try_from(&delegate.1), Ok(true));
     }
 
     #[test]
