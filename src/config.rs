@@ -323,6 +323,13 @@ impl Config {
                 self.cgroup.parent
             ));
         }
+        if self.cgroup.driver == CgroupDriver::Systemd
+            && let Err(e) = crate::runtime::systemd::expand_slice(&self.cgroup.parent)
+        {
+            return invalid(format!(
+                "cgroup.parent: with cgroup.driver systemd it is a slice: {e}"
+            ));
+        }
         if self.runtime_handlers.is_empty() {
             return invalid("runtime_handlers: at least one handler is needed".to_string());
         }
@@ -442,6 +449,11 @@ mod tests {
                 "network.bridge",
             ),
             ("cgroup: {parent: ../escape}", "cgroup.parent"),
+            ("cgroup: {driver: systemd}", "cgroup.parent"),
+            (
+                "cgroup: {driver: systemd, parent: a--b.slice}",
+                "cgroup.parent",
+            ),
             (
                 "runtime_handlers: [{name: a}, {name: a}]",
                 "runtime_handlers",
@@ -457,6 +469,13 @@ mod tests {
             let err = parse(yaml).expect_err(yaml).to_string();
             assert!(err.contains(key), "{yaml}: {err}");
         }
+    }
+
+    #[test]
+    fn the_systemd_driver_takes_a_slice_as_parent() {
+        let c = parse("cgroup: {driver: systemd, parent: system-berth.slice}\n")
+            .expect("a slice parent");
+        assert_eq!(c.cgroup.driver, CgroupDriver::Systemd);
     }
 
     #[test]

@@ -18,11 +18,12 @@ use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::cni::bridge::BridgeNetwork;
 use crate::cni::{NetworkError, PodNetwork};
-use crate::config::Config;
 use crate::config::NetworkMode;
+use crate::config::{CgroupDriver, Config};
 use crate::cri::CriService;
 use crate::image::{ImageError, ImageStore};
 use crate::runtime::cgroup::{CgroupError, Cgroups};
+use crate::runtime::systemd;
 use crate::runtime::{Runtime, RuntimeError};
 
 /// Largest gRPC message accepted or sent; ListContainers on a full node is big.
@@ -49,6 +50,11 @@ pub enum DaemonError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "cgroup.driver is systemd, but systemd is not this host's init (no {marker}); \
+         set cgroup.driver: cgroupfs"
+    )]
+    SystemdNotBooted { marker: &'static str },
     #[error(transparent)]
     Cgroup(CgroupError),
     #[error("cannot recover pods and containers: {0}")]
@@ -197,6 +203,15 @@ async fn collect_garbage(images: Arc<ImageStore>, runtime: Arc<Runtime>, interva
 
 /// Runs berthd until a termination signal, then shuts down cleanly.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
+    // Checked first: without systemd as init there is no manager to own
+    // the units, and falling back to cgroupfs would put pods where kubelet
+    // does not look.
+    if config.cgroup.driver == CgroupDriver::Systemd && !Path::new(systemd::BOOTED_MARKER).exists()
+    {
+        return Err(DaemonError::SystemdNotBooted {
+            marker: systemd::BOOTED_MARKER,
+        });
+    }
     let config = Arc::new(config);
     create_dir(&config.root, 0o711)?;
     create_dir(&config.state_dir, 0o711)?;
@@ -283,7 +298,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     }
     runtime_for_shutdown.shut_down();
     // The parent of pod cgroups goes when no pod is left in it.
-    cgroups.remove_if_empty(&config.cgroup.parent);
+    cgroups.remove_if_empty(&runtime_for_shutdown.parent_cgroup());
     tracing::info!("berthd stopped");
     match result {
         Ok(served) => served.map_err(DaemonError::from),

@@ -204,3 +204,39 @@ fn a_bad_config_names_key_and_line_and_berthd_does_not_start() {
         assert!(!socket.exists());
     }
 }
+
+#[test]
+fn the_systemd_driver_without_systemd_as_init_is_refused_naming_the_key() {
+    if std::path::Path::new("/run/systemd/system").exists() {
+        eprintln!("skipped: systemd is this host's init");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("config.yaml");
+    let root = dir.path().join("root");
+    let state = dir.path().join("state");
+    std::fs::write(
+        &path,
+        format!(
+            "root: {}\nstate_dir: {}\ncgroup:\n  driver: systemd\n  parent: berth.slice\n",
+            root.display(),
+            state.display()
+        ),
+    )
+    .expect("write config");
+    let socket = dir.path().join("berth.sock");
+    let out = Command::new(BERTHD)
+        .arg("--config")
+        .arg(&path)
+        .arg("--socket")
+        .arg(&socket)
+        .output()
+        .expect("run berthd");
+    assert!(!out.status.success(), "berthd started without systemd");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cgroup.driver") && stderr.contains("/run/systemd/system"),
+        "{stderr}"
+    );
+    assert!(!socket.exists() && !state.exists(), "nothing was made");
+}

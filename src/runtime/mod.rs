@@ -18,6 +18,7 @@ mod rootfs;
 pub mod seccomp;
 pub mod spec;
 pub mod stats;
+pub mod systemd;
 pub mod user;
 pub mod userns;
 
@@ -29,7 +30,7 @@ use std::time::Duration;
 use tokio::sync::{broadcast, watch};
 
 use crate::cni::{NetworkError, PodNetwork, PodNetworkRequest};
-use crate::config::Config;
+use crate::config::{CgroupDriver, Config};
 use crate::image::ImageStore;
 use crate::monitor::{self, MonitorConnection, MonitorError, MonitorStatus};
 use crate::store::{self, Durability, StoreError};
@@ -37,6 +38,7 @@ use cgroup::{CgroupError, Cgroups};
 use container::{ContainerConfig, ContainerPaths, ContainerRecord, ContainerState};
 use namespace::{NamespaceError, NamespaceKind, NamespaceSetup};
 use pod::{NamespaceMode, PodConfig, PodPaths, PodRecord, PodState};
+use resources::Resources;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -54,6 +56,8 @@ pub enum RuntimeError {
     Namespace(#[from] NamespaceError),
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Systemd(#[from] systemd::SystemdError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -175,6 +179,9 @@ pub struct PodUsage {
 pub struct Runtime {
     config: Arc<Config>,
     cgroups: Cgroups,
+    /// systemd's manager under the systemd driver, which owns the pod
+    /// slices and container scopes; none under cgroupfs.
+    systemd: Option<systemd::Systemd>,
     images: Arc<ImageStore>,
     network: Arc<dyn PodNetwork>,
     /// berthd's own executable, re-run as a monitor.
@@ -253,9 +260,14 @@ impl Runtime {
         network: Arc<dyn PodNetwork>,
     ) -> Result<Arc<Runtime>, RuntimeError> {
         let exe = std::env::current_exe().map_err(io("find berthd's own executable"))?;
+        let systemd = match config.cgroup.driver {
+            CgroupDriver::Systemd => Some(systemd::Systemd::connect()?),
+            CgroupDriver::Cgroupfs => None,
+        };
         let runtime = Arc::new(Runtime {
             config,
             cgroups,
+            systemd,
             images,
             network,
             exe,
@@ -320,7 +332,7 @@ impl Runtime {
         if self.tables().containers.is_empty()
             && let Err(e) = self
                 .cgroups
-                .remove(&format!("{}/monitors", self.config.cgroup.parent))
+                .remove(&format!("{}/monitors", self.parent_cgroup()))
         {
             tracing::debug!(error = %e, "monitors cgroup stays: monitors still run");
         }
@@ -392,6 +404,7 @@ impl Runtime {
             }
         }
         let id = new_id()?;
+        let (cgroup, owns_cgroup) = self.pod_cgroup(&id, &config.cgroup_parent)?;
         let reserved = PodRecord::reserved_name(&config);
         {
             let mut t = self.tables();
@@ -402,11 +415,6 @@ impl Runtime {
             }
             t.pod_names.insert(reserved.clone(), id.clone());
         }
-        let (cgroup, owns_cgroup) = if config.cgroup_parent.trim_matches('/').is_empty() {
-            (format!("{}/{id}", self.config.cgroup.parent), true)
-        } else {
-            (config.cgroup_parent.trim_matches('/').to_string(), false)
-        };
         let mut record = PodRecord {
             id: id.clone(),
             config,
@@ -483,6 +491,13 @@ impl Runtime {
         if pod.config.namespaces.ipc != NamespaceMode::Node {
             rootfs::mount_shm(&paths.shm())?;
         }
+        if pod.owns_cgroup
+            && let Some(sd) = &self.systemd
+        {
+            let slice = systemd::unit_of(&pod.cgroup);
+            sd.start(slice, &systemd::slice_properties(slice, &pod.id))?;
+            tracing::debug!(pod = %pod.id, slice, "pod slice started");
+        }
         self.cgroups.create(&pod.cgroup)?;
         if pod.owns_cgroup {
             resources::apply(
@@ -495,7 +510,14 @@ impl Runtime {
             tracing::debug!(pod = %pod.id, cgroup = %pod.cgroup, "pod limits left to the cgroup's owner");
         }
         if pod.config.namespaces.pid == NamespaceMode::Pod {
-            let procs = self.cgroups.procs_files(&pod.cgroup)?;
+            // Under systemd no process may sit in a slice: the infra gets a
+            // scope of its own, named by the pod's id.
+            let infra_cgroup = match self.systemd {
+                Some(_) => systemd::scope_path(&pod.cgroup, &pod.id),
+                None => pod.cgroup.clone(),
+            };
+            self.cgroups.create(&infra_cgroup)?;
+            let procs = self.cgroups.procs_files(&infra_cgroup)?;
             let jail = pod.user_namespace.map(|_| infra::Jail {
                 userns: paths.ns.join("user"),
                 root: paths.infra_root(),
@@ -506,6 +528,9 @@ impl Runtime {
                 &paths.ns.join("pid"),
                 jail.as_ref(),
             )?);
+            if let Some(pid) = pod.infra_pid {
+                self.start_scope(&infra_cgroup, &pod.id, pid, &Resources::default())?;
+            }
         }
         store::write_json(&paths.record(), pod, Durability::Crash)?;
         Ok(())
@@ -520,10 +545,23 @@ impl Runtime {
         }
         namespace::remove_pins(&paths.ns, &namespace::ALL_KINDS);
         rootfs::unmount(&paths.shm());
+        if self.systemd.is_some()
+            && let Err(e) = self
+                .cgroups
+                .remove(&systemd::scope_path(&pod.cgroup, &pod.id))
+        {
+            tracing::warn!(pod = %pod.id, error = %e, "cannot remove the infra's scope cgroup");
+        }
         if pod.owns_cgroup
             && let Err(e) = self.cgroups.remove(&pod.cgroup)
         {
             tracing::warn!(pod = %pod.id, error = %e, "cannot remove the pod's cgroup");
+        }
+        if pod.owns_cgroup
+            && let Some(sd) = &self.systemd
+            && let Err(e) = sd.stop(systemd::unit_of(&pod.cgroup))
+        {
+            tracing::warn!(pod = %pod.id, error = %e, "cannot stop the pod's slice");
         }
         if let Err(e) = std::fs::remove_dir_all(&paths.dir)
             && e.kind() != std::io::ErrorKind::NotFound
@@ -790,7 +828,7 @@ impl Runtime {
             tracing::info!(pod = %pod.id, container = %id, devices = ?cdi_names, "CDI devices");
             cdi_edits.merge_into(&mut device_nodes, &mut env, &mut user.groups);
         }
-        let cgroup = format!("{}/{id}", pod.cgroup);
+        let cgroup = self.container_cgroup(&pod.cgroup, id);
         self.cgroups.create(&cgroup)?;
         resources::apply(&self.cgroups, &cgroup, &config.resources)?;
         devices::restrict(&self.cgroups, &cgroup, config.privileged, &device_nodes)?;
@@ -924,6 +962,12 @@ impl Runtime {
                 source: std::io::Error::other(e),
             })??;
         self.adopt_monitor(&paths.bundle)?;
+        if self.systemd.is_some() {
+            let init_pid = monitor::read_status(&paths.bundle)?.init_pid;
+            tokio::task::block_in_place(|| {
+                self.start_scope(&record.cgroup, id, init_pid, &record.config.resources)
+            })?;
+        }
         // The record commits the creation: a bundle without one is half-made
         // and recovery rolls it back.
         store::write_json(&paths.record(), &record, Durability::Crash)?;
@@ -949,11 +993,95 @@ impl Runtime {
         }
     }
 
+    /// The cgroup path of a new pod and whether berth made it: under the
+    /// configured parent, or kubelet's `cgroup_parent` (a slice under the
+    /// systemd driver, expanded to its path).
+    fn pod_cgroup(&self, id: &str, cgroup_parent: &str) -> Result<(String, bool), RuntimeError> {
+        let given = cgroup_parent.trim_matches('/');
+        let invalid = |e: systemd::SystemdError| RuntimeError::InvalidArgument(e.to_string());
+        Ok(match (&self.systemd, given.is_empty()) {
+            (None, true) => (format!("{}/{id}", self.config.cgroup.parent), true),
+            (None, false) => (given.to_string(), false),
+            (Some(_), true) => {
+                let slice = systemd::pod_slice(&self.config.cgroup.parent, id).map_err(invalid)?;
+                (systemd::expand_slice(&slice).map_err(invalid)?, true)
+            }
+            (Some(_), false) => (systemd::expand_slice(given).map_err(invalid)?, false),
+        })
+    }
+
+    /// The cgroup of a container (or of a pod's infra) in its pod's cgroup:
+    /// a scope named after it under systemd, a directory named by its id
+    /// under cgroupfs.
+    fn container_cgroup(&self, pod_cgroup: &str, id: &str) -> String {
+        match self.systemd {
+            Some(_) => systemd::scope_path(pod_cgroup, id),
+            None => format!("{pod_cgroup}/{id}"),
+        }
+    }
+
+    /// The pod id of a cgroup directory under the configured parent; none
+    /// for a directory berth did not make.
+    fn pod_of_cgroup<'a>(&self, name: &'a str) -> Option<&'a str> {
+        match self.systemd {
+            Some(_) => systemd::pod_of_slice(&self.config.cgroup.parent, name),
+            None => Some(name),
+        }
+    }
+
+    /// The container id of a cgroup directory in a pod's cgroup; none for
+    /// a directory berth did not make.
+    fn container_of_cgroup<'a>(&self, name: &'a str) -> Option<&'a str> {
+        match self.systemd {
+            Some(_) => systemd::id_of_scope(name),
+            None => Some(name),
+        }
+    }
+
+    /// The cgroup path of the configured parent: a slice's expansion under
+    /// systemd (validated with the config), the path as given under cgroupfs.
+    pub fn parent_cgroup(&self) -> String {
+        match self.systemd {
+            Some(_) => systemd::expand_slice(&self.config.cgroup.parent)
+                .unwrap_or_else(|_| self.config.cgroup.parent.clone()),
+            None => self.config.cgroup.parent.clone(),
+        }
+    }
+
+    /// Under systemd, hands the process berth put into `cgroup` to systemd
+    /// as that cgroup's transient scope, as runc does once the container's
+    /// init exists (a scope cannot start empty). systemd adopts the
+    /// directory berth made; the limits berth wrote are passed as unit
+    /// properties too, so systemd re-applying them keeps the same values.
+    fn start_scope(
+        &self,
+        cgroup: &str,
+        id: &str,
+        pid: i32,
+        resources: &Resources,
+    ) -> Result<(), RuntimeError> {
+        let Some(sd) = &self.systemd else {
+            return Ok(());
+        };
+        let pid = u32::try_from(pid).map_err(|_| {
+            RuntimeError::FailedPrecondition(format!("no process for the scope of {id}"))
+        })?;
+        let slice = cgroup
+            .rsplit_once('/')
+            .map(|(parent, _)| systemd::unit_of(parent))
+            .unwrap_or("-.slice");
+        let scope = systemd::scope_name(id);
+        let props = systemd::scope_properties(slice, id, pid, self.cgroups.version, resources);
+        sd.start(&scope, &props)?;
+        tracing::debug!(container = %id, scope, slice, pid, "scope started");
+        Ok(())
+    }
+
     /// Moves a new monitor out of berthd's cgroup into berth's monitors
     /// cgroup, so stopping berthd's service does not stop containers.
     fn adopt_monitor(&self, bundle: &Path) -> Result<(), RuntimeError> {
         let status = monitor::read_status(bundle)?;
-        let rel = format!("{}/monitors", self.config.cgroup.parent);
+        let rel = format!("{}/monitors", self.parent_cgroup());
         self.cgroups.create(&rel)?;
         for procs in self.cgroups.procs_files(&rel)? {
             std::fs::write(&procs, status.monitor_pid.to_string())
@@ -973,8 +1101,11 @@ impl Runtime {
                 tracing::warn!(container = %id, dir = %dir.display(), error = %e, "cannot remove");
             }
         }
-        self.cgroups.kill_all(&format!("{pod_cgroup}/{id}"));
-        if let Err(e) = self.cgroups.remove(&format!("{pod_cgroup}/{id}")) {
+        // A scope whose processes are gone is stopped and collected by
+        // systemd itself; berth only makes sure they are gone.
+        let cgroup = self.container_cgroup(pod_cgroup, id);
+        self.cgroups.kill_all(&cgroup);
+        if let Err(e) = self.cgroups.remove(&cgroup) {
             tracing::warn!(container = %id, error = %e, "cannot remove the container's cgroup");
         }
     }

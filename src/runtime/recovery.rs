@@ -177,7 +177,7 @@ impl Runtime {
             }
         }
         // Pod and container cgroups under berth's parent that no record owns.
-        let parent = self.config.cgroup.parent.clone();
+        let parent = self.parent_cgroup();
         let pod_cgroups: Vec<(String, String)> = {
             let t = self.tables();
             t.pods
@@ -195,14 +195,24 @@ impl Runtime {
                     if name == "monitors" {
                         continue;
                     }
-                    if !pods.contains(&name) {
-                        tracing::info!(pod = %name, "removing an orphaned pod cgroup");
+                    // Under systemd the parent slice may hold other units.
+                    let Some(pod_id) = self.pod_of_cgroup(&name) else {
+                        continue;
+                    };
+                    if !pods.contains(pod_id) {
+                        tracing::info!(pod = %pod_id, cgroup = %name, "removing an orphaned pod cgroup");
+                        // A transient slice outlives its cgroup until stopped.
+                        if let Some(sd) = &self.systemd
+                            && let Err(e) = sd.stop(&name)
+                        {
+                            tracing::warn!(pod = %pod_id, error = %e, "cannot stop an orphaned pod slice");
+                        }
                         self.cgroups.remove_tree(&format!("{parent}/{name}"));
                     }
                 }
             }
         }
-        for (_, cgroup) in &pod_cgroups {
+        for (pod_id, cgroup) in &pod_cgroups {
             if let Ok(dirs) = self.cgroups.dirs(cgroup) {
                 for dir in dirs {
                     for e in entries(&dir) {
@@ -210,8 +220,15 @@ impl Runtime {
                             continue;
                         }
                         let name = e.file_name().to_string_lossy().into_owned();
-                        if !containers.contains(&name) {
-                            tracing::info!(container = %name, "removing an orphaned container cgroup");
+                        let Some(id) = self.container_of_cgroup(&name) else {
+                            continue;
+                        };
+                        // The pod's infra scope, under systemd.
+                        if self.systemd.is_some() && id == pod_id.as_str() {
+                            continue;
+                        }
+                        if !containers.contains(id) {
+                            tracing::info!(container = %id, cgroup = %name, "removing an orphaned container cgroup");
                             self.cgroups.remove_tree(&format!("{cgroup}/{name}"));
                         }
                     }
