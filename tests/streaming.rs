@@ -9,13 +9,14 @@ use std::time::{Duration, Instant};
 
 use common::cri_pod::{CriNode, Rt, remove_pod, run_container, run_pod, status, wait_exited};
 use common::cri_stream::{
-    CommandInput, CommandResult, SpdyClient, spdy_command, websocket_command,
+    CommandInput, CommandResult, SpdyClient, WsClient, spdy_command, websocket_command,
 };
 use k8s_cri::v1::*;
 use sha2::Digest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use berth::stream::spdy::{self, Frame};
+use berth::stream::websocket::{ChannelCodec, Message};
 
 /// How long a container may take to exit.
 const WAIT: Duration = Duration::from_secs(15);
@@ -617,6 +618,42 @@ async fn forward_once(
     got
 }
 
+/// A port-forward over the WebSocket channel protocol, as the Python and
+/// JavaScript clients speak it: `request` on every port's data channel, then
+/// what came back on each port's data and error channels until the server
+/// closed the session.
+async fn forward_on_channels(
+    url: &str,
+    protocol: &str,
+    codec: ChannelCodec,
+    ports: usize,
+    request: &[u8],
+) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut ws = WsClient::connect(url, &[protocol])
+        .await
+        .expect("WebSocket upgrade");
+    assert_eq!(ws.protocol, protocol);
+    for port in 0..ports {
+        ws.send(codec.frame(2 * port as u8, request)).await;
+    }
+    let mut got = vec![(Vec::new(), Vec::new()); ports];
+    loop {
+        match ws.next().await {
+            Some(Message::Binary(message) | Message::Text(message)) => {
+                let (channel, data) = codec.unframe(&message).expect("a channel's message");
+                let (data_channel, error_channel) = &mut got[usize::from(channel / 2)];
+                if channel % 2 == 0 {
+                    data_channel.extend_from_slice(&data);
+                } else {
+                    error_channel.extend_from_slice(&data);
+                }
+            }
+            Some(Message::Close(_)) | None => return got,
+            Some(_) => {}
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn port_forward_reaches_the_pods_ports_and_the_hosts() {
     let node = CriNode::start().await;
@@ -747,6 +784,66 @@ async fn port_forward_reaches_the_pods_ports_and_the_hosts() {
         );
     }
     drop(tunnel);
+
+    // The WebSocket channel protocol: ports from the query, each announced
+    // (u16, little endian) on its data and error channels; a port nobody
+    // listens on fails on its error channel alone.
+    let got = forward_on_channels(
+        &(url(&mut rt, pod.clone()).await + "?port=8080&port=9"),
+        "v4.channel.k8s.io",
+        ChannelCodec::Binary,
+        2,
+        b"GET /index.html HTTP/1.0\r\n\r\n",
+    )
+    .await;
+    let (data, error) = &got[0];
+    assert_eq!(data[..2], 8080u16.to_le_bytes());
+    assert_eq!(error[..], 8080u16.to_le_bytes(), "{}", text(error));
+    assert!(
+        text(&data[2..]).starts_with("HTTP/1.1 200"),
+        "{}",
+        text(data)
+    );
+    assert!(
+        text(data).ends_with("hello-from-the-pod\n"),
+        "{}",
+        text(data)
+    );
+    let (data, error) = &got[1];
+    assert_eq!(data[..], 9u16.to_le_bytes());
+    assert_eq!(error[..2], 9u16.to_le_bytes());
+    assert!(
+        text(&error[2..]).contains("error forwarding port 9"),
+        "{}",
+        text(error)
+    );
+    // Base64 text; no query: the ports of the PortForwardRequest.
+    let got = forward_on_channels(
+        &url(&mut rt, pod.clone()).await,
+        "v4.base64.channel.k8s.io",
+        ChannelCodec::Base64,
+        1,
+        b"GET /index.html HTTP/1.0\r\n\r\n",
+    )
+    .await;
+    let (data, error) = &got[0];
+    assert_eq!(error[..], 8080u16.to_le_bytes(), "{}", text(error));
+    assert!(
+        text(data).ends_with("hello-from-the-pod\n"),
+        "{}",
+        text(data)
+    );
+    // A port that is not one: refused before the upgrade.
+    for bad in ["port=http", "port=0", "port=70000", "port="] {
+        let refused = WsClient::connect(
+            &format!("{}?{bad}", url(&mut rt, pod.clone()).await),
+            &["v4.channel.k8s.io"],
+        )
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("{bad} accepted"));
+        assert_eq!(refused.status, 400, "{bad}: {}", refused.body);
+    }
 
     // A pod on the host's network: the port is the host's.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

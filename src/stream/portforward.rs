@@ -1,8 +1,11 @@
-//! Port-forward sessions (`portforward.k8s.io` over SPDY, also tunneled in
-//! WebSocket): each forwarded connection is a pair of streams, error and
-//! data, named by their `port` and `requestid` headers; the data stream is
-//! joined to a TCP connection to that port inside the pod's network
-//! namespace (or on the host, for a pod on the host's network).
+//! Port-forward sessions. Over SPDY (`portforward.k8s.io`, also tunneled in
+//! WebSocket) each forwarded connection is a pair of streams, error and
+//! data, named by their `port` and `requestid` headers. Over the WebSocket
+//! channel protocols (`v4.channel.k8s.io`, `v4.base64.channel.k8s.io`: the
+//! Python and JavaScript clients) the ports are fixed when the session opens
+//! and each has a data and an error channel, one connection per port. Either
+//! way the data is joined to a TCP connection to that port inside the pod's
+//! network namespace (or on the host, for a pod on the host's network).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -15,10 +18,12 @@ use bytes::Bytes;
 use nix::sched::{CloneFlags, setns};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use super::spdy_conn::{SpdyConnection, SpdySender, StreamEvent};
+use super::websocket::{ChannelCodec, Message, WsConnection, WsSender};
 use crate::runtime::PortForwardTarget;
 
 /// The one port-forward protocol.
@@ -28,6 +33,13 @@ pub(crate) const PROTOCOL: &str = "portforward.k8s.io";
 const PAIR_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const CHUNK: usize = 32 * 1024;
+/// WebSocket channel protocols of port-forward, by preference.
+pub(crate) const WEBSOCKET_PROTOCOLS: [(&str, ChannelCodec); 2] = [
+    ("v4.channel.k8s.io", ChannelCodec::Binary),
+    ("v4.base64.channel.k8s.io", ChannelCodec::Base64),
+];
+/// Most ports of one WebSocket session: two channels each, numbered in a byte.
+pub(crate) const MAX_WEBSOCKET_PORTS: usize = 128;
 
 /// A forwarded connection whose streams are not all open yet.
 #[derive(Debug, Default)]
@@ -151,7 +163,7 @@ async fn forward(
     sender: SpdySender,
     error: u32,
     data: u32,
-    mut from_client: mpsc::Receiver<Bytes>,
+    from_client: mpsc::Receiver<Bytes>,
 ) {
     let connection = match port.parse::<u16>() {
         Ok(0) | Err(_) => Err(io::Error::new(
@@ -171,37 +183,221 @@ async fn forward(
             return;
         }
     };
-    let (mut from_pod, mut to_pod) = stream.into_split();
-    let up = async {
-        while let Some(chunk) = from_client.recv().await {
-            if to_pod.write_all(&chunk).await.is_err() {
-                break;
-            }
-        }
-        let _ = to_pod.shutdown().await;
-    };
+    let (from_pod, to_pod) = stream.into_split();
+    let up = copy_to_pod(from_client, to_pod);
     let down = async {
-        let mut buf = vec![0u8; CHUNK];
-        loop {
-            match from_pod.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if sender
-                        .data(data, Bytes::copy_from_slice(&buf[..n]))
-                        .await
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-            }
-        }
+        copy_from_pod(from_pod, |chunk| {
+            let sender = &sender;
+            async move { sender.data(data, chunk).await.is_ok() }
+        })
+        .await;
         // The pod's side is done: so is the forwarded connection, as far as
         // the client waits for it (kubelet closes both streams here too).
         let _ = sender.finish(data).await;
         let _ = sender.finish(error).await;
     };
     tokio::join!(up, down);
+}
+
+/// Why the ports of a WebSocket port-forward are refused (a 400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum PortsError {
+    #[error("query parameter \"port\" is required")]
+    Missing,
+    #[error("query parameter \"port\" cannot be empty")]
+    Empty,
+    #[error("unable to parse {0:?} as a port")]
+    Parse(String),
+    #[error("port {0:?} must be > 0")]
+    Zero(String),
+    #[error("{0} ports asked for; at most {MAX_WEBSOCKET_PORTS} in one session")]
+    TooMany(usize),
+}
+
+/// The ports of a WebSocket port-forward: the URL's `port` parameters
+/// (repeated or comma-separated, as kubelet's NewV4Options reads them), else
+/// the ports of the CRI PortForwardRequest (what kubelet's CRI streaming
+/// server uses).
+pub(crate) fn websocket_ports(
+    query: Option<&str>,
+    requested: &[i32],
+) -> Result<Vec<u16>, PortsError> {
+    let mut ports = Vec::new();
+    let values = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .filter(|(name, _)| name == "port")
+        .map(|(_, value)| value);
+    for value in values {
+        if value.is_empty() {
+            return Err(PortsError::Empty);
+        }
+        for port in value.split(',') {
+            match port.parse::<u16>() {
+                Ok(0) => return Err(PortsError::Zero(value.to_string())),
+                Ok(port) => ports.push(port),
+                Err(_) => return Err(PortsError::Parse(value.to_string())),
+            }
+        }
+    }
+    if ports.is_empty() {
+        for &port in requested {
+            match u16::try_from(port) {
+                Ok(port) if port > 0 => ports.push(port),
+                _ => return Err(PortsError::Parse(port.to_string())),
+            }
+        }
+    }
+    match ports.len() {
+        0 => Err(PortsError::Missing),
+        n if n > MAX_WEBSOCKET_PORTS => Err(PortsError::TooMany(n)),
+        _ => Ok(ports),
+    }
+}
+
+/// Serves the WebSocket channel protocol, as kubelet's
+/// `portforward/websocket.go`: port i has data channel 2i and error channel
+/// 2i+1, each starting with the port (u16, little endian); one connection per
+/// port, opened right away. The session ends when the client goes or every
+/// port's connection has ended.
+pub(crate) async fn serve_websocket(
+    pod_id: String,
+    target: PortForwardTarget,
+    ports: Vec<u16>,
+    codec: ChannelCodec,
+    mut conn: WsConnection,
+) {
+    tracing::debug!(pod = %pod_id, ?ports, ?codec, "port-forward on WebSocket channels");
+    let mut to_pod = Vec::with_capacity(ports.len());
+    let mut forwards = JoinSet::new();
+    for (index, &port) in ports.iter().enumerate() {
+        // The numbers fit in a byte: the server refuses more than
+        // MAX_WEBSOCKET_PORTS ports.
+        let data = (2 * index) as u8;
+        let announce = port.to_le_bytes();
+        let sent = async {
+            conn.sender.send(codec.frame(data, &announce)).await?;
+            conn.sender.send(codec.frame(data + 1, &announce)).await
+        };
+        if sent.await.is_err() {
+            conn.close().await;
+            return;
+        }
+        let (tx, rx) = mpsc::channel(16);
+        to_pod.push(Some(tx));
+        forwards.spawn(forward_channel(
+            pod_id.clone(),
+            target.clone(),
+            port,
+            codec,
+            data,
+            conn.sender.clone(),
+            rx,
+        ));
+    }
+    loop {
+        tokio::select! {
+            message = conn.messages.recv() => {
+                let data = match message {
+                    Some(Message::Binary(data) | Message::Text(data)) => data,
+                    Some(_) => continue,
+                    None => break,
+                };
+                let (channel, data) = match codec.unframe(&data) {
+                    Ok(framed) => framed,
+                    Err(e) => {
+                        tracing::debug!(pod = %pod_id, error = %e, "port-forward message dropped");
+                        continue;
+                    }
+                };
+                // Only data channels carry anything towards the pod; what
+                // comes on an error channel or an unknown one is dropped, as
+                // kubelet does.
+                let Some(slot) = (channel % 2 == 0)
+                    .then(|| to_pod.get_mut(usize::from(channel / 2)))
+                    .flatten()
+                else {
+                    continue;
+                };
+                if let Some(tx) = slot
+                    && tx.send(data).await.is_err()
+                {
+                    *slot = None;
+                }
+            }
+            joined = forwards.join_next() => {
+                if joined.is_none() {
+                    break;
+                }
+            }
+        }
+    }
+    forwards.abort_all();
+    conn.close().await;
+}
+
+/// One port's connection on its data channel; a failure is written as text
+/// on its error channel.
+async fn forward_channel(
+    pod_id: String,
+    target: PortForwardTarget,
+    port: u16,
+    codec: ChannelCodec,
+    data: u8,
+    sender: WsSender,
+    from_client: mpsc::Receiver<Bytes>,
+) {
+    let stream = match connect(&target, port).await {
+        Ok(stream) => stream,
+        Err(e) => {
+            let message = format!("error forwarding port {port} to pod {pod_id}: {e}");
+            tracing::debug!(pod = %pod_id, error = %message, "port-forward failed");
+            let _ = sender.send(codec.frame(data + 1, message.as_bytes())).await;
+            return;
+        }
+    };
+    let (from_pod, to_pod) = stream.into_split();
+    let up = copy_to_pod(from_client, to_pod);
+    let down = copy_from_pod(from_pod, |chunk| {
+        let sender = &sender;
+        async move { sender.send(codec.frame(data, &chunk)).await.is_ok() }
+    });
+    tokio::pin!(down);
+    // The pod's side ending ends the port (the channels have no half-close in
+    // v4); the client's input ending only stops writing to the pod.
+    tokio::select! {
+        () = &mut down => {}
+        () = up => down.await,
+    }
+}
+
+/// The client's bytes to the pod until the client's side ends; then the pod
+/// reads the end of its input.
+async fn copy_to_pod(mut from_client: mpsc::Receiver<Bytes>, mut to_pod: OwnedWriteHalf) {
+    while let Some(chunk) = from_client.recv().await {
+        if to_pod.write_all(&chunk).await.is_err() {
+            break;
+        }
+    }
+    let _ = to_pod.shutdown().await;
+}
+
+/// The pod's bytes to `send` until the pod's side ends or `send` says the
+/// client is gone (false).
+async fn copy_from_pod<F, Fut>(mut from_pod: OwnedReadHalf, mut send: F)
+where
+    F: FnMut(Bytes) -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        match from_pod.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if !send(Bytes::copy_from_slice(&buf[..n])).await {
+                    break;
+                }
+            }
+        }
+    }
 }
 
 /// A TCP connection to `port` on the loopback of the target's network
@@ -238,5 +434,45 @@ fn connect_loopback(port: u16) -> io::Result<std::net::TcpStream> {
             let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
             std::net::TcpStream::connect_timeout(&v6, CONNECT_TIMEOUT).map_err(|_| e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn websocket_ports_come_from_the_query_else_the_request() {
+        assert_eq!(
+            websocket_ports(Some("port=80&port=8080,9090"), &[1]),
+            Ok(vec![80, 8080, 9090])
+        );
+        assert_eq!(
+            websocket_ports(Some("port=80%2C81&x=1"), &[]),
+            Ok(vec![80, 81])
+        );
+        assert_eq!(websocket_ports(None, &[8080]), Ok(vec![8080]));
+        assert_eq!(websocket_ports(Some("x=1"), &[]), Err(PortsError::Missing));
+        assert_eq!(
+            websocket_ports(Some("port="), &[80]),
+            Err(PortsError::Empty)
+        );
+        assert_eq!(
+            websocket_ports(Some("port=http"), &[80]),
+            Err(PortsError::Parse("http".into()))
+        );
+        assert_eq!(
+            websocket_ports(Some("port=65536"), &[80]),
+            Err(PortsError::Parse("65536".into()))
+        );
+        assert_eq!(
+            websocket_ports(Some("port=0"), &[80]),
+            Err(PortsError::Zero("0".into()))
+        );
+        let many = vec!["port=1"; MAX_WEBSOCKET_PORTS + 1].join("&");
+        assert_eq!(
+            websocket_ports(Some(&many), &[]),
+            Err(PortsError::TooMany(MAX_WEBSOCKET_PORTS + 1))
+        );
     }
 }

@@ -12,7 +12,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, oneshot};
 
 use super::spdy_conn::{SpdyConnection, SpdySender, StreamEvent};
-use super::websocket::{Message, WsConnection, WsSender};
+use super::websocket::{ChannelCodec, Message, WsConnection, WsSender};
 use super::{AttachRequest, ExecRequest};
 use crate::monitor::{AttachStreams, ExecStreams, OutputChunk, StreamingExec};
 use crate::runtime::Runtime;
@@ -205,12 +205,10 @@ impl Sink {
                     None => Ok(()),
                 }
             }
-            Sink::WebSocket { sender } => {
-                let mut message = Vec::with_capacity(1 + data.len());
-                message.push(channel);
-                message.extend_from_slice(&data);
-                sender.binary(Bytes::from(message)).await.map_err(|_| Gone)
-            }
+            Sink::WebSocket { sender } => sender
+                .send(ChannelCodec::Binary.frame(channel, &data))
+                .await
+                .map_err(|_| Gone),
         }
     }
 
@@ -234,9 +232,9 @@ impl Sink {
             }
             Sink::WebSocket { sender } => {
                 if !status.is_empty() {
-                    let mut message = vec![CHANNEL_ERROR];
-                    message.extend_from_slice(&status);
-                    let _ = sender.binary(Bytes::from(message)).await;
+                    let _ = sender
+                        .send(ChannelCodec::Binary.frame(CHANNEL_ERROR, &status))
+                        .await;
                 }
             }
         }
@@ -400,10 +398,10 @@ pub(crate) async fn serve_websocket(
                 let Message::Binary(data) = message else {
                     continue;
                 };
-                let inbound = match data.first() {
-                    Some(&CHANNEL_STDIN) => vec![Inbound::Stdin(data.slice(1..))],
-                    Some(&CHANNEL_RESIZE) if version >= Version::V3 => resize.feed(&data[1..]),
-                    Some(&CHANNEL_CLOSE) if version >= Version::V5 && data.get(1) == Some(&CHANNEL_STDIN) => {
+                let inbound = match ChannelCodec::Binary.unframe(&data) {
+                    Ok((CHANNEL_STDIN, data)) => vec![Inbound::Stdin(data)],
+                    Ok((CHANNEL_RESIZE, data)) if version >= Version::V3 => resize.feed(&data),
+                    Ok((CHANNEL_CLOSE, data)) if version >= Version::V5 && data.first() == Some(&CHANNEL_STDIN) => {
                         vec![Inbound::StdinClosed]
                     }
                     _ => Vec::new(),

@@ -25,7 +25,7 @@ use tokio_rustls::TlsAcceptor;
 use super::remotecommand::{self, Session, Version};
 use super::spdy_conn::SpdyConnection;
 use super::tokens::{TOKEN_TTL, Tokens};
-use super::websocket::{self, WsConnection};
+use super::websocket::{self, ChannelCodec, WsConnection};
 use super::{
     AttachRequest, ExecRequest, PortForwardRequest, StreamError, check_streams, portforward,
 };
@@ -365,6 +365,15 @@ async fn port_forward(shared: &Shared, request: PortForwardRequest, conn: SpdyCo
     }
 }
 
+/// What a WebSocket connection carries.
+enum WsMode {
+    Remote(Version),
+    /// SPDY port-forward inside binary messages.
+    Tunnel,
+    /// Port-forward on channels, to these ports.
+    PortChannels(ChannelCodec, Vec<u16>),
+}
+
 fn upgrade_websocket(
     shared: Arc<Shared>,
     request: &mut Request<Incoming>,
@@ -391,10 +400,10 @@ fn upgrade_websocket(
     }
     let client = header_values(headers, "sec-websocket-protocol");
     let tunnel = format!("{TUNNEL_PREFIX}{}", portforward::PROTOCOL);
-    let (protocol, version) = match &prepared {
+    let (protocol, mode) = match &prepared {
         Prepared::Remote(_) => {
             match Version::negotiate(client.iter().copied(), &remotecommand::WEBSOCKET_VERSIONS) {
-                Some(v) => (v.name().to_string(), Some(v)),
+                Some(v) => (Some(v.name().to_string()), WsMode::Remote(v)),
                 None => {
                     return reply(
                         StatusCode::BAD_REQUEST,
@@ -406,20 +415,45 @@ fn upgrade_websocket(
                 }
             }
         }
-        Prepared::PortForward(_) => {
-            if !client.contains(&tunnel.as_str()) {
+        Prepared::PortForward(_) if client.contains(&tunnel.as_str()) => {
+            (Some(tunnel), WsMode::Tunnel)
+        }
+        Prepared::PortForward(pf) => {
+            // A client naming no protocol gets the binary channels, as from
+            // kubelet (its "" protocol).
+            let negotiated = if client.is_empty() {
+                Some((None, ChannelCodec::Binary))
+            } else {
+                client.iter().find_map(|name| {
+                    portforward::WEBSOCKET_PROTOCOLS
+                        .iter()
+                        .find(|(ours, _)| ours == name)
+                        .map(|&(ours, codec)| (Some(ours.to_string()), codec))
+                })
+            };
+            let Some((protocol, codec)) = negotiated else {
+                let mut supported = vec![tunnel];
+                supported
+                    .extend(portforward::WEBSOCKET_PROTOCOLS.map(|(name, _)| name.to_string()));
                 return reply(
                     StatusCode::BAD_REQUEST,
                     format!(
-                        "requested protocols {client:?} are not supported; supported: [{tunnel:?}]"
+                        "requested protocols {client:?} are not supported; supported: {supported:?}"
                     ),
                 );
+            };
+            match portforward::websocket_ports(request.uri().query(), &pf.ports) {
+                Ok(ports) => (protocol, WsMode::PortChannels(codec, ports)),
+                Err(e) => {
+                    tracing::debug!(pod = %pf.pod_id, error = %e, "port-forward refused");
+                    return reply(StatusCode::BAD_REQUEST, e.to_string());
+                }
             }
-            (tunnel, None)
         }
     };
-    let Ok(protocol_value) = HeaderValue::from_str(&protocol) else {
-        return reply(StatusCode::BAD_REQUEST, "bad protocol");
+    let protocol_value = match protocol.map(|p| HeaderValue::from_str(&p)).transpose() {
+        Ok(value) => value,
+        Err(_) => return reply(StatusCode::BAD_REQUEST, "bad protocol"),
     };
     let Ok(accept) = HeaderValue::from_str(&websocket::accept_key(&key)) else {
         return reply(StatusCode::BAD_REQUEST, "bad Sec-WebSocket-Key");
@@ -435,11 +469,11 @@ fn upgrade_websocket(
             }
         };
         let conn = WsConnection::start(io, idle);
-        match (prepared, version) {
-            (Prepared::Remote(session), Some(version)) => {
+        match (prepared, mode) {
+            (Prepared::Remote(session), WsMode::Remote(version)) => {
                 remotecommand::serve_websocket(shared.runtime.clone(), session, version, conn).await
             }
-            (Prepared::PortForward(request), _) => {
+            (Prepared::PortForward(request), WsMode::Tunnel) => {
                 // SPDY runs inside the WebSocket's binary messages.
                 let (ours, theirs) = tokio::io::duplex(256 * 1024);
                 let bridge = tokio::spawn(tunnel_bridge(conn, theirs));
@@ -447,7 +481,20 @@ fn upgrade_websocket(
                 port_forward(&shared, request, spdy).await;
                 let _ = bridge.await;
             }
-            (Prepared::Remote(_), None) => conn.close().await,
+            (Prepared::PortForward(request), WsMode::PortChannels(codec, ports)) => {
+                match shared.runtime.port_forward_target(&request.pod_id) {
+                    Ok(target) => {
+                        portforward::serve_websocket(request.pod_id, target, ports, codec, conn)
+                            .await
+                    }
+                    Err(e) => {
+                        tracing::debug!(pod = %request.pod_id, error = %e, "port-forward refused");
+                        conn.close().await;
+                    }
+                }
+            }
+            // The mode was chosen from the prepared session; no other pairs.
+            _ => conn.close().await,
         }
     });
     let mut response = reply(StatusCode::SWITCHING_PROTOCOLS, "");
@@ -456,7 +503,9 @@ fn upgrade_websocket(
     headers.insert("connection", HeaderValue::from_static("Upgrade"));
     headers.insert("upgrade", HeaderValue::from_static("websocket"));
     headers.insert("sec-websocket-accept", accept);
-    headers.insert("sec-websocket-protocol", protocol_value);
+    if let Some(protocol) = protocol_value {
+        headers.insert("sec-websocket-protocol", protocol);
+    }
     response
 }
 

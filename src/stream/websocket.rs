@@ -244,6 +244,62 @@ pub fn encode(message: &Message, mask: Option<[u8; 4]>, out: &mut BytesMut) {
     }
 }
 
+/// How the channel protocols (`channel.k8s.io` and `base64.channel.k8s.io`,
+/// in all their versions) put a channel number and its data in a message:
+/// the number as a byte then the raw data in a binary message, or the number
+/// as an ASCII digit then the data in base64 in a text message (for clients,
+/// such as browsers, that handle text better).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelCodec {
+    Binary,
+    Base64,
+}
+
+/// A data message that carries nothing for a channel.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChannelError {
+    #[error("message without a channel number")]
+    Empty,
+    #[error("channel data is not base64")]
+    Base64,
+}
+
+impl ChannelCodec {
+    /// `data` for `channel`, as one message.
+    pub fn frame(self, channel: u8, data: &[u8]) -> Message {
+        match self {
+            ChannelCodec::Binary => {
+                let mut message = Vec::with_capacity(1 + data.len());
+                message.push(channel);
+                message.extend_from_slice(data);
+                Message::Binary(Bytes::from(message))
+            }
+            ChannelCodec::Base64 => {
+                let encoded = base64::engine::general_purpose::STANDARD.encode(data);
+                let mut message = Vec::with_capacity(1 + encoded.len());
+                message.push(b'0'.wrapping_add(channel));
+                message.extend_from_slice(encoded.as_bytes());
+                Message::Text(Bytes::from(message))
+            }
+        }
+    }
+
+    /// The channel and data of a binary or text message (kubelet takes
+    /// either kind in both codecs).
+    pub fn unframe(self, data: &Bytes) -> Result<(u8, Bytes), ChannelError> {
+        let Some(&first) = data.first() else {
+            return Err(ChannelError::Empty);
+        };
+        match self {
+            ChannelCodec::Binary => Ok((first, data.slice(1..))),
+            ChannelCodec::Base64 => base64::engine::general_purpose::STANDARD
+                .decode(&data[1..])
+                .map(|decoded| (first.wrapping_sub(b'0'), Bytes::from(decoded)))
+                .map_err(|_| ChannelError::Base64),
+        }
+    }
+}
+
 /// The session's way to send; cheap to clone.
 #[derive(Debug, Clone)]
 pub(crate) struct WsSender {
@@ -256,7 +312,11 @@ pub(crate) struct Gone;
 
 impl WsSender {
     pub(crate) async fn binary(&self, data: Bytes) -> Result<(), Gone> {
-        self.tx.send(Message::Binary(data)).await.map_err(|_| Gone)
+        self.send(Message::Binary(data)).await
+    }
+
+    pub(crate) async fn send(&self, message: Message) -> Result<(), Gone> {
+        self.tx.send(message).await.map_err(|_| Gone)
     }
 }
 
@@ -431,6 +491,28 @@ mod tests {
         assert_eq!(
             decoder.decode(&mut wire),
             Ok(Some(Message::Text(Bytes::from_static(b"Hello"))))
+        );
+    }
+
+    #[test]
+    fn channels_travel_raw_or_in_base64_text() {
+        let binary = ChannelCodec::Binary.frame(3, b"hi");
+        assert_eq!(binary, Message::Binary(Bytes::from_static(b"\x03hi")));
+        let text = ChannelCodec::Base64.frame(3, b"hi");
+        assert_eq!(text, Message::Text(Bytes::from_static(b"3aGk=")));
+        for (codec, message) in [(ChannelCodec::Binary, binary), (ChannelCodec::Base64, text)] {
+            let (Message::Binary(data) | Message::Text(data)) = message else {
+                unreachable!("a data message");
+            };
+            assert_eq!(codec.unframe(&data), Ok((3, Bytes::from_static(b"hi"))));
+        }
+        assert_eq!(
+            ChannelCodec::Base64.unframe(&Bytes::from_static(b"0!!")),
+            Err(ChannelError::Base64)
+        );
+        assert_eq!(
+            ChannelCodec::Binary.unframe(&Bytes::new()),
+            Err(ChannelError::Empty)
         );
     }
 
