@@ -2177,3 +2177,55 @@ async fn the_periodic_collector_removes_orphans_and_keeps_the_living() {
     assert!(state.join("pods").join(&pod).is_dir());
     remove_all_pods(&mut rt).await;
 }
+
+/// A RunPodSandbox cut by a kill after the pod's PID 1 was started and its
+/// PID namespace pinned, but before the pod's record: the restarted berthd
+/// kills that infra and unmounts every pin, the PID one included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_start_cut_before_its_record_is_rolled_back() {
+    let mut node = CriNode::start().await;
+    let mut rt = node.berthd.runtime().await;
+    let config = pod_config(node.logs.path(), "cut-pod", &[]);
+    let pod = run_pod(&mut rt, &config).await;
+    drop(rt);
+    tokio::task::block_in_place(|| node.berthd.stop_with(Signal::SIGKILL));
+    let pins = node.berthd.state_dir.join("ns").join(&pod);
+    assert!(
+        mount_points().contains(&pins.join("pid")),
+        "a pod sharing its PID namespace has its PID 1 pinned"
+    );
+    let infra = processes()
+        .into_iter()
+        .find(|p| p.cmdline.contains(&pins.join("pid").display().to_string()))
+        .expect("the pod's infra runs");
+    // What a kill between the pins and the record leaves.
+    std::fs::remove_file(
+        node.berthd
+            .state_dir
+            .join("pods")
+            .join(&pod)
+            .join("pod.json"),
+    )
+    .expect("remove the pod's record");
+
+    tokio::task::block_in_place(|| node.berthd.spawn());
+    let mut rt = node.berthd.runtime().await;
+    let pods = rt
+        .list_pod_sandbox(ListPodSandboxRequest::default())
+        .await
+        .expect("ListPodSandbox")
+        .into_inner()
+        .items;
+    assert!(pods.is_empty(), "nothing is listed: {pods:?}");
+    assert!(!alive(infra.pid), "the infra {} is killed", infra.pid);
+    let left: Vec<PathBuf> = mount_points()
+        .into_iter()
+        .filter(|m| m.starts_with(&pins))
+        .collect();
+    assert!(left.is_empty(), "pins left mounted: {left:?}");
+    assert!(!pins.exists(), "the pin directory is removed");
+    // The same pod can run again.
+    let again = run_pod(&mut rt, &config).await;
+    assert_ne!(again, pod);
+    remove_all_pods(&mut rt).await;
+}

@@ -231,6 +231,11 @@ pub fn stop(pid: i32, pin: &Path) {
         }
         tracing::debug!(pid, waited = ?began.elapsed(), "pod infra killed");
     }
+    unpin(pin);
+}
+
+/// Unmounts and removes the pid namespace pin; repeatable.
+fn unpin(pin: &Path) {
     if let Err(e) = nix::mount::umount2(pin, nix::mount::MntFlags::MNT_DETACH)
         && e != nix::Error::EINVAL
         && e != nix::Error::ENOENT
@@ -241,7 +246,9 @@ pub fn stop(pid: i32, pin: &Path) {
 }
 
 /// Kills the infra process of a pod whose record is lost, found by its
-/// `--pin` argument (it kills its namespace's processes with it).
-pub fn kill_unrecorded(pin: &Path) {
+/// `--pin` argument (it kills its namespace's processes with it), and
+/// removes the pin, which a start cut short may have mounted already.
+pub fn remove_unrecorded(pin: &Path) {
     crate::procs::kill_with_args(&[b"pod-infra", b"--pin", pin.as_os_str().as_encoded_bytes()]);
+    unpin(pin);
 }

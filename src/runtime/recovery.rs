@@ -170,9 +170,8 @@ impl Runtime {
             let id = entry.file_name().to_string_lossy().into_owned();
             if !pods.contains(&id) {
                 tracing::info!(pod = %id, "removing orphaned namespace pins");
-                super::infra::kill_unrecorded(&entry.path().join("pid"));
+                super::infra::remove_unrecorded(&entry.path().join("pid"));
                 namespace::remove_pins(&entry.path(), &namespace::ALL_KINDS);
-                let _ = std::fs::remove_file(entry.path().join("pid"));
                 let _ = std::fs::remove_dir(entry.path());
             }
         }
