@@ -142,7 +142,7 @@ async fn run(options: Options) -> Result<(), String> {
         return Err("needs root: both daemons mount overlays and own cgroups".to_string());
     }
     let versions = Versions::read()?;
-    let host_nat = network::HostNat::snapshot();
+    let host_nat = common::host_nat::HostNat::snapshot();
     let mut leftovers = Vec::new();
     let outcome = run_workloads(&options, &versions, &mut leftovers).await;
     leftovers.extend(host_nat.restore());

@@ -19,6 +19,7 @@ use common::cri_pod::{
     self, nc_from, pod_ip, remove_pod, run_pod, start_container, update_pod_cidr,
 };
 use common::fixtures::{self, Fixture};
+use common::host_nat::HostNat;
 use common::registry::Registry;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
@@ -186,12 +187,16 @@ fn remove_rules_of(name: &str) {
     let _ = restore.wait();
 }
 
-/// Removes portmap's shared chains when dropped (see [`remove_portmap_chains`]).
-struct PortmapChains;
+/// Removes what the portmap plugin's iptables calls made on the host during
+/// a test (its chains, and the iptables-nft tables holding them) when
+/// dropped; tests run under [`SERIAL`], so nothing of another test is in use.
+struct PortmapChains(HostNat);
 
 impl Drop for PortmapChains {
     fn drop(&mut self) {
-        remove_portmap_chains();
+        for note in self.0.restore() {
+            eprintln!("{note}");
+        }
     }
 }
 
@@ -218,70 +223,6 @@ fn iptables_rules() -> String {
             String::from_utf8_lossy(&out.stdout).into_owned()
         })
         .collect()
-}
-
-/// Removes portmap's shared chains once no pod's chain (`CNI-DN-*`) uses
-/// them; every test here runs under [`SERIAL`], so none is in use.
-fn remove_portmap_chains() {
-    let rules = iptables_rules();
-    if rules.contains("CNI-DN-") {
-        return;
-    }
-    for (chain, rule) in [
-        (
-            "PREROUTING",
-            vec![
-                "-m",
-                "addrtype",
-                "--dst-type",
-                "LOCAL",
-                "-j",
-                "CNI-HOSTPORT-DNAT",
-            ],
-        ),
-        (
-            "OUTPUT",
-            vec![
-                "-m",
-                "addrtype",
-                "--dst-type",
-                "LOCAL",
-                "-j",
-                "CNI-HOSTPORT-DNAT",
-            ],
-        ),
-        (
-            "POSTROUTING",
-            vec![
-                "-m",
-                "comment",
-                "--comment",
-                "CNI portfwd requiring masquerade",
-                "-j",
-                "CNI-HOSTPORT-MASQ",
-            ],
-        ),
-    ] {
-        let mut args = vec!["-t", "nat", "-D", chain];
-        args.extend(rule);
-        while Command::new("iptables")
-            .args(&args)
-            .output()
-            .is_ok_and(|o| o.status.success())
-        {}
-    }
-    for chain in [
-        "CNI-HOSTPORT-DNAT",
-        "CNI-HOSTPORT-SETMARK",
-        "CNI-HOSTPORT-MASQ",
-    ] {
-        let _ = Command::new("iptables")
-            .args(["-t", "nat", "-F", chain])
-            .output();
-        let _ = Command::new("iptables")
-            .args(["-t", "nat", "-X", chain])
-            .output();
-    }
 }
 
 /// What a test's pods must not leave: rules naming them, bridge ports,
@@ -401,7 +342,7 @@ async fn cni_pods_reach_each_other_the_host_and_host_ports_and_del_survives_a_re
         return;
     }
     let _serial = SERIAL.lock().await;
-    let _chains = PortmapChains;
+    let _chains = PortmapChains(HostNat::snapshot());
     let registry = Registry::start().expect("registry");
     let busybox = fixtures::push(&registry, Fixture::BusyboxLatest)
         .expect("push busybox")
@@ -533,7 +474,7 @@ async fn cluster_mode_is_not_ready_until_a_config_appears() {
         return;
     }
     let _serial = SERIAL.lock().await;
-    let _chains = PortmapChains;
+    let _chains = PortmapChains(HostNat::snapshot());
     let net = CniNet::unique();
     let logs = tempfile::tempdir().expect("log dir");
     let berthd = Berthd::start_with_network(BerthdOptions::default(), "  mode: cni\n");

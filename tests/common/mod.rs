@@ -8,5 +8,6 @@ pub mod bundle;
 pub mod cri_pod;
 pub mod cri_stream;
 pub mod fixtures;
+pub mod host_nat;
 pub mod registry;
 pub mod token_server;
