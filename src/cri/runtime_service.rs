@@ -368,14 +368,7 @@ impl RuntimeService for CriService {
     async fn exec(&self, req: Request<ExecRequest>) -> Reply<ExecResponse> {
         let req = req.into_inner();
         traced("Exec", &req.container_id.clone(), async {
-            let stream_error = |e: crate::stream::StreamError| match e {
-                crate::stream::StreamError::InvalidArgument(m) => Status::invalid_argument(m),
-                other => Status::resource_exhausted(other.to_string()),
-            };
-            let server = self
-                .stream
-                .get()
-                .ok_or_else(|| Status::unavailable("the streaming server is not running"))?;
+            let server = self.stream_server()?;
             let view = self
                 .runtime
                 .running_container(&req.container_id)
@@ -389,7 +382,7 @@ impl RuntimeService for CriService {
                     stdout: req.stdout,
                     stderr: req.stderr,
                 })
-                .map_err(stream_error)?;
+                .map_err(stream_status)?;
             Ok(Response::new(ExecResponse { url }))
         })
         .await
@@ -398,14 +391,7 @@ impl RuntimeService for CriService {
     async fn attach(&self, req: Request<AttachRequest>) -> Reply<AttachResponse> {
         let req = req.into_inner();
         traced("Attach", &req.container_id.clone(), async {
-            let stream_error = |e: crate::stream::StreamError| match e {
-                crate::stream::StreamError::InvalidArgument(m) => Status::invalid_argument(m),
-                other => Status::resource_exhausted(other.to_string()),
-            };
-            let server = self
-                .stream
-                .get()
-                .ok_or_else(|| Status::unavailable("the streaming server is not running"))?;
+            let server = self.stream_server()?;
             let view = self
                 .runtime
                 .running_container(&req.container_id)
@@ -418,7 +404,7 @@ impl RuntimeService for CriService {
                     stdout: req.stdout,
                     stderr: req.stderr,
                 })
-                .map_err(stream_error)?;
+                .map_err(stream_status)?;
             Ok(Response::new(AttachResponse { url }))
         })
         .await
@@ -427,14 +413,7 @@ impl RuntimeService for CriService {
     async fn port_forward(&self, req: Request<PortForwardRequest>) -> Reply<PortForwardResponse> {
         let req = req.into_inner();
         traced("PortForward", &req.pod_sandbox_id.clone(), async {
-            let stream_error = |e: crate::stream::StreamError| match e {
-                crate::stream::StreamError::InvalidArgument(m) => Status::invalid_argument(m),
-                other => Status::resource_exhausted(other.to_string()),
-            };
-            let server = self
-                .stream
-                .get()
-                .ok_or_else(|| Status::unavailable("the streaming server is not running"))?;
+            let server = self.stream_server()?;
             // The pod must exist and be ready now; the session checks again.
             self.runtime
                 .port_forward_target(&req.pod_sandbox_id)
@@ -448,7 +427,7 @@ impl RuntimeService for CriService {
                     pod_id: pod.id,
                     ports: req.port,
                 })
-                .map_err(stream_error)?;
+                .map_err(stream_status)?;
             Ok(Response::new(PortForwardResponse { url }))
         })
         .await
@@ -700,5 +679,22 @@ fn condition(kind: &str, not_ready: Option<(String, String)>) -> RuntimeConditio
             reason,
             message,
         },
+    }
+}
+
+impl CriService {
+    /// The streaming server behind Exec, Attach and PortForward URLs.
+    fn stream_server(&self) -> Result<&std::sync::Arc<crate::stream::StreamServer>, Status> {
+        self.stream
+            .get()
+            .ok_or_else(|| Status::unavailable("the streaming server is not running"))
+    }
+}
+
+/// A refused streaming session: the request's fault, or no room for more.
+fn stream_status(e: crate::stream::StreamError) -> Status {
+    match e {
+        crate::stream::StreamError::InvalidArgument(m) => Status::invalid_argument(m),
+        other => Status::resource_exhausted(other.to_string()),
     }
 }
